@@ -1,0 +1,304 @@
+"""`params.yaml` -> typed, validated dataclasses: the one source of truth for config.
+
+Every section is a frozen dataclass. Each field declares its allowed values in its
+metadata (`choices`, `min`, `max`), so that a bad value is refused with a message
+naming the key, the value and what is allowed, before any compute starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml value that is missing, unknown, mistyped or out of range."""
+
+
+def _f(default: Any, *, choices=None, min=None, max=None, min_exclusive=False, doc: str = ""):
+    meta = {"choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+STRATEGIES = ("const", "min_snr", "learned", "dysigma", "dysigma_min_snr", "soft_min_snr", "p2")
+DATASETS = ("fashion_mnist", "cifar10", "celeba", "lsun_bedroom", "lsun_church", "imagenet")
+PRESETS = ("vit-tiny", "vit-small", "vit-b", "vit-l", "vit-xl")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SAMPLERS = ("ddim", "ddpm")
+EXTRACTORS = ("featurenet", "inception-v3-compat")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = _f("fashion_mnist", choices=DATASETS)
+    root: str = _f("data/raw", doc="where datasets live or are downloaded to")
+    image_size: int = _f(32, min=8, max=1024)
+    download: bool = _f(True, doc="allow a network download when the files are not found locally")
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    kind: str = _f("multispace", choices=("multispace", "sd-vae"))
+    path: str = _f("stabilityai/sd-vae-ft-mse", doc="sd-vae: local folder or hub id")
+    subspaces: int = _f(3, min=1, max=16, doc="K")
+    channels: int = _f(4, min=1, max=64, doc="C, channels per subspace")
+    downsample: int = _f(4, choices=(1, 2, 4, 8, 16), doc="f")
+    widths: list = _f([32, 64])
+    attn_heads: int = _f(4, min=1, max=64)
+    ssim_weight: float = _f(0.3, min=0.0, max=1.0, doc="lambda in lambda*(1-SSIM)+(1-lambda)*Huber")
+    recon_loss: str = _f("hybrid", choices=("hybrid", "l2"))
+    huber_delta: float = _f(0.1, min=0.0, min_exclusive=True)
+    steps: int = _f(3000, min=0)
+    batch_size: int = _f(128, min=1)
+    lr: float = _f(2e-3, min=0.0, min_exclusive=True)
+    seed: int = _f(0, min=0)
+    precision: str = _f("bf16", choices=PRECISIONS)
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    batch_size: int = _f(1000, min=1)
+    shard_size: int = _f(20000, min=1)
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    timesteps: int = _f(1000, min=2, max=100000)
+    schedule: str = _f("cosine", choices=("cosine", "linear"))
+    target: str = _f("x0", choices=("x0", "eps", "v"))
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    strategy: str = _f("dysigma", choices=STRATEGIES)
+    gamma: float = _f(5.0, min=0.0, min_exclusive=True, doc="min_snr / dysigma_min_snr clip")
+    clamp_max: float = _f(10.0, min=0.0, min_exclusive=True, doc="dysigma weight upper clamp")
+    fourier_features: int = _f(128, min=1, max=4096, doc="learned u(t): random Fourier features")
+    sigma_data: float = _f(0.5, min=0.0, min_exclusive=True, doc="soft_min_snr")
+    p2_k: float = _f(1.0, min=0.0, min_exclusive=True)
+    p2_gamma: float = _f(1.0, min=0.0)
+    buckets: int = _f(10, min=1, max=1000, doc="t-buckets for weight logging")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = _f("vit-small", choices=PRESETS)
+    patch_size: int = _f(2, min=1, max=32)
+    label_dropout: float = _f(0.15, min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = _f(6000, min=0)
+    batch_size: int = _f(128, min=1, doc="global batch, split over workers")
+    lr: float = _f(3e-4, min=0.0, min_exclusive=True)
+    betas: list = _f([0.9, 0.99])
+    weight_decay: float = _f(0.03, min=0.0)
+    ema_decay: float = _f(0.999, min=0.0, max=1.0)
+    grad_clip: float = _f(1.0, min=0.0, doc="0 disables clipping")
+    precision: str = _f("bf16", choices=PRECISIONS)
+    num_workers: int = _f(1, min=1, max=4096)
+    use_gpu: bool = _f(False)
+    cpus_per_worker: int = _f(2, min=1, max=512)
+    checkpoint_every: int = _f(1000, min=1)
+    log_every: int = _f(100, min=1)
+    max_nan_skips: int = _f(3, min=0, doc="non-finite losses skipped before the run stops")
+    max_failures: int = _f(2, min=0, doc="Ray Train worker restarts from the last checkpoint")
+    seed: int = _f(0, min=0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = _f(1000, min=1, doc="steps between FID evaluations of the EMA weights")
+    num_samples: int = _f(1000, min=2)
+    final_num_samples: int = _f(5000, min=2)
+    sampler: str = _f("ddim", choices=SAMPLERS)
+    sampling_steps: int = _f(50, min=1)
+    eta: float = _f(0.0, min=0.0, max=1.0)
+    cfg_scale: float = _f(1.0, min=0.0)
+    batch_size: int = _f(500, min=1)
+    seed: int = _f(1234, min=0)
+
+
+@dataclass(frozen=True)
+class FIDConfig:
+    extractor: str = _f("featurenet", choices=EXTRACTORS)
+    weights_path: str = _f("", doc="inception-v3-compat: local state_dict; empty = standard download")
+    reference_stats: str = _f("", doc="optional precomputed mu/sigma .npz (e.g. ADM VIRTUAL_imagenet)")
+
+
+@dataclass(frozen=True)
+class FeatureNetConfig:
+    steps: int = _f(1500, min=0)
+    batch_size: int = _f(256, min=1)
+    lr: float = _f(2e-3, min=0.0, min_exclusive=True)
+    feature_dim: int = _f(128, min=2, max=4096)
+    seed: int = _f(0, min=0)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    strategies: list = _f(["const", "min_snr", "learned", "dysigma", "dysigma_min_snr"])
+    seeds: list = _f([0, 1])
+    steps: int = _f(3000, min=1)
+    eval_every: int = _f(500, min=1)
+    num_samples: int = _f(500, min=2)
+    preset: str = _f("vit-tiny", choices=PRESETS)
+    cpus_per_trial: int = _f(1, min=1)
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    address: str = _f("", doc="empty: start a local cluster; else a cluster address or 'auto'")
+    storage_path: str = _f("results/ray", doc="local dir, NFS path or s3:// URI for checkpoints")
+    num_cpus: int = _f(0, min=0, doc="0: all local cores")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
+    featurenet: FeatureNetConfig = field(default_factory=FeatureNetConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is list:
+        return isinstance(value, list)
+    return True
+
+
+_TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list"}
+
+
+def _check_field(key: str, value: Any, f: dataclasses.Field, tp: Any) -> Any:
+    if not _type_ok(value, tp):
+        raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_TYPE_NAMES.get(tp, tp)}")
+    if tp is float:
+        value = float(value)
+    m = f.metadata
+    if m.get("choices") is not None and value not in m["choices"]:
+        raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, m['choices']))}")
+    lo, hi = m.get("min"), m.get("max")
+    if lo is not None and (value < lo or (m.get("min_exclusive") and value == lo)):
+        rel = ">" if m.get("min_exclusive") else ">="
+        raise ConfigError(f"{key}: got {value!r}, expected a value {rel} {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key}: got {value!r}, expected a value <= {hi}")
+    return value
+
+
+def build_section(cls: type, raw: Any, prefix: str):
+    """Build dataclass `cls` from a mapping, refusing unknown keys and bad values."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed keys are {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in raw.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build_section(tp, value, key)
+        else:
+            kwargs[name] = _check_field(key, value, fields[name], tp)
+    return cls(**kwargs)
+
+
+def _cross_checks(p: Params) -> None:
+    def need(cond: bool, msg: str):
+        if not cond:
+            raise ConfigError(msg)
+
+    need(len(p.train.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in p.train.betas),
+         f"train.betas: got {p.train.betas!r}, expected two numbers in [0, 1)")
+    need(len(p.autoencoder.widths) >= 1 and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
+                                                for w in p.autoencoder.widths),
+         f"autoencoder.widths: got {p.autoencoder.widths!r}, expected a non-empty list of positive integers")
+    need(p.data.image_size % p.autoencoder.downsample == 0,
+         f"autoencoder.downsample: {p.autoencoder.downsample} does not divide data.image_size "
+         f"{p.data.image_size}")
+    latent = p.data.image_size // p.autoencoder.downsample
+    if p.autoencoder.kind == "sd-vae":
+        need(p.autoencoder.downsample == 8, "autoencoder.downsample: sd-vae downsamples by 8; set it to 8")
+        need(4 % p.autoencoder.subspaces == 0,
+             f"autoencoder.subspaces: {p.autoencoder.subspaces} must divide the 4 sd-vae latent channels")
+    need(latent % p.model.patch_size == 0,
+         f"model.patch_size: {p.model.patch_size} does not divide the latent size {latent} "
+         f"(data.image_size / autoencoder.downsample)")
+    need(p.train.batch_size % p.train.num_workers == 0,
+         f"train.batch_size: {p.train.batch_size} is not divisible by train.num_workers {p.train.num_workers}")
+    need(p.train.precision != "fp16" or p.train.use_gpu,
+         "train.precision: 'fp16' needs train.use_gpu: true (use 'bf16' or 'fp32' on CPU)")
+    need(p.eval.sampling_steps <= p.diffusion.timesteps,
+         f"eval.sampling_steps: {p.eval.sampling_steps} exceeds diffusion.timesteps {p.diffusion.timesteps}")
+    need(len(p.sweep.strategies) >= 1, "sweep.strategies: expected at least one strategy")
+    for s in p.sweep.strategies:
+        need(s in STRATEGIES, f"sweep.strategies: got {s!r}, expected each of {', '.join(STRATEGIES)}")
+    need("const" in p.sweep.strategies, "sweep.strategies: must include 'const', the speedup baseline")
+    need(len(set(p.sweep.strategies)) == len(p.sweep.strategies), "sweep.strategies: duplicate entries")
+    need(len(p.sweep.seeds) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                                         for s in p.sweep.seeds),
+         f"sweep.seeds: got {p.sweep.seeds!r}, expected a non-empty list of non-negative integers")
+    need(len(set(p.sweep.seeds)) == len(p.sweep.seeds), "sweep.seeds: duplicate entries")
+
+
+def params_from_dict(raw: Any) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    p = build_section(Params, raw, "")
+    _cross_checks(p)
+    return p
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return params_from_dict(raw if raw is not None else {})
+
+
+def replace(p: Params, section: str, **changes) -> Params:
+    """A copy of `p` with fields of one section changed, re-validated."""
+    raw = to_dict(p)
+    raw[section].update(changes)
+    return params_from_dict(raw)
+
+
+def to_dict(p: Any) -> dict:
+    return dataclasses.asdict(p)
+
