@@ -1,0 +1,71 @@
+"""Atomic writes and safe loads.
+
+Every file a later stage trusts is written to a temporary sibling and renamed into
+place, so an interrupted write never leaves a half file behind. Checkpoints are
+loaded with `weights_only=True`: a pickled payload is refused, not executed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+
+class CorruptFileError(RuntimeError):
+    """A file exists but cannot be read as what it should be."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(obj: Any, path: str | Path) -> None:
+    atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
+
+
+def safe_torch_load(path: str | Path, *, made_by: str = "") -> Any:
+    """Load a torch file with `weights_only=True`, turning every failure into a clear error.
+
+    `made_by` names the stage that writes the file, so the message can say how to fix it.
+    """
+    path = Path(path)
+    fix = f" Rerun the stage that makes it: dvc repro -f {made_by}" if made_by else ""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found.{fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
+        raise CorruptFileError(
+            f"{path}: cannot be loaded as a weights-only torch file "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
+            f"It is truncated, corrupt, or carries a pickled payload that is refused.{fix}"
+        ) from None
