@@ -1,0 +1,339 @@
+"""Convergence speedup of loss-weight strategies against `const` (SPEC section 6).
+
+For each seed:
+  target          = const's FID at its last evaluation;
+  steps_s(target) = the first step at which strategy s's curve reaches fid <= target,
+                    linearly interpolated in log(step) between the last eval above the
+                    target and the first at or below it;
+  speedup_s       = steps_const(target) / steps_s(target).
+
+steps_const(target) uses the same first-reach rule as every other strategy. For a
+curve that keeps improving this is const's last step; if const's curve dipped below
+its own final FID earlier (noise, a late regression), its first reach is earlier than
+its last step, and the baseline is that earlier step. One rule for all strategies keeps
+a strategy with the very same curve as const at exactly 1.0x.
+
+Across seeds: the mean, sample std (ddof=1), min and max of the speedups of the seeds
+that reached their target. A strategy that never reaches the target gets the text
+"not reached", never a number.
+
+Pure pandas/numpy; no Ray, no torch: the notebook imports this module directly.
+"""
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+CURVE_KEY_COLUMNS = ("strategy", "seed", "step", "fid")
+WEIGHT_COLUMN = re.compile(r"^w_t(\d+)$")
+DEFAULT_METRIC = "fid"
+SWEEP_FIX = "Run the sweep first: dvc repro sweep"
+
+# Published speedups vs Const, kept next to our numbers: MSDM's Dy-Sigma and Hang et al.
+# 2023's Min-SNR-5.
+PAPER_SPEEDUPS = {"dysigma": 3.7, "min_snr": 3.4}
+
+STATUS_REACHED = "reached"
+STATUS_NOT_REACHED = "not reached"
+STATUS_NO_CURVE = "no curve"
+
+
+class SweepResultsError(ValueError):
+    """A sweep results file exists but does not have the expected content."""
+
+
+# ---------------------------------------------------------------------------------------
+# Steps to target and speedup
+# ---------------------------------------------------------------------------------------
+
+def steps_to_target(steps: Sequence[float], fids: Sequence[float], target: float) -> float | None:
+    """First step at which the curve reaches fid <= target; None if it never does.
+
+    Between the last eval above the target and the first at or below it, the crossing is
+    found by linear interpolation of fid against log(step). If the first eval is already
+    at or below the target, that first step is returned (nothing earlier was measured).
+    """
+    steps_arr = np.asarray(steps, dtype=float)
+    fids_arr = np.asarray(fids, dtype=float)
+    if steps_arr.ndim != 1 or fids_arr.ndim != 1 or len(steps_arr) != len(fids_arr):
+        raise ValueError(
+            f"steps and fids must be 1-D and of equal length, got shapes "
+            f"{steps_arr.shape} and {fids_arr.shape}"
+        )
+    if len(steps_arr) == 0:
+        raise ValueError("steps_to_target: the curve has no evaluations")
+    if not np.all(np.isfinite(steps_arr)) or np.any(steps_arr <= 0):
+        raise ValueError(f"steps must be finite and positive (log-step interpolation), got {steps_arr.tolist()}")
+    if np.any(np.diff(steps_arr) <= 0):
+        raise ValueError(f"steps must be strictly increasing, got {steps_arr.tolist()}")
+    if not np.all(np.isfinite(fids_arr)):
+        raise ValueError(f"fids must be finite, got {fids_arr.tolist()}")
+    if not math.isfinite(float(target)):
+        raise ValueError(f"target must be finite, got {target!r}")
+
+    reached = np.flatnonzero(fids_arr <= target)
+    if len(reached) == 0:
+        return None
+    i = int(reached[0])
+    # An exact hit returns the eval step itself, not exp(log(step)), so ties are exact.
+    if i == 0 or fids_arr[i] == target:
+        return float(steps_arr[i])
+    above, below = fids_arr[i - 1], fids_arr[i]  # above > target > below, so no zero division
+    fraction = (above - target) / (above - below)
+    log_step = math.log(steps_arr[i - 1]) + fraction * (math.log(steps_arr[i]) - math.log(steps_arr[i - 1]))
+    return math.exp(log_step)
+
+
+def _curve(group: pd.DataFrame, strategy: str, seed) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, fids) of one run, sorted by step; non-finite FIDs dropped with a warning."""
+    group = group.sort_values("step")
+    if group["step"].duplicated().any():
+        dup = sorted(group.loc[group["step"].duplicated(), "step"].tolist())
+        raise SweepResultsError(f"strategy {strategy!r} seed {seed}: duplicate eval steps {dup}")
+    finite = np.isfinite(group["fid"].to_numpy(dtype=float))
+    if not finite.all():
+        # A failed or diverged eval carries no FID; the curve is judged on the evals it has.
+        warnings.warn(
+            f"strategy {strategy!r} seed {seed}: ignoring non-finite FID at steps "
+            f"{group.loc[~finite, 'step'].tolist()}",
+            stacklevel=2,
+        )
+        group = group[finite]
+    return group["step"].to_numpy(dtype=float), group["fid"].to_numpy(dtype=float)
+
+
+def _check_curve_columns(curves: pd.DataFrame) -> None:
+    missing = [c for c in CURVE_KEY_COLUMNS if c not in curves.columns]
+    if missing:
+        raise SweepResultsError(
+            f"curves: missing column(s) {missing}; expected at least {list(CURVE_KEY_COLUMNS)}"
+        )
+
+
+def strategy_order(curves: pd.DataFrame, baseline: str = "const") -> list[str]:
+    """Strategies in order of first appearance, with the baseline first."""
+    seen = list(dict.fromkeys(curves["strategy"].tolist()))
+    return ([baseline] if baseline in seen else []) + [s for s in seen if s != baseline]
+
+
+def summarize_speedups(speedups: Sequence[float | None]) -> dict:
+    """Mean and spread over the reached seeds (None = not reached), plus a text summary."""
+    reached = [float(s) for s in speedups if s is not None]
+    n_seeds, n_reached = len(speedups), len(reached)
+    stats = {
+        "reached": n_reached,
+        "n_seeds": n_seeds,
+        "all_reached": n_seeds > 0 and n_reached == n_seeds,
+        "mean": None, "std": None, "min": None, "max": None,
+    }
+    seeds_text = f"({n_reached}/{n_seeds} seeds)"
+    if n_reached == 0:
+        stats["summary"] = f"{STATUS_NOT_REACHED} {seeds_text}"
+        return stats
+    values = np.asarray(reached)
+    stats.update(mean=float(values.mean()), min=float(values.min()), max=float(values.max()))
+    if n_reached >= 2:
+        stats["std"] = float(values.std(ddof=1))
+        stats["summary"] = f"{stats['mean']:.2f}x ± {stats['std']:.2f} {seeds_text}"
+    else:  # one seed has no spread to report
+        stats["summary"] = f"{stats['mean']:.2f}x {seeds_text}"
+    return stats
+
+
+def speedup_table(curves: pd.DataFrame, baseline: str = "const") -> dict:
+    """Per-seed targets and per-strategy speedups against `baseline` (see module docstring).
+
+    Returns {"baseline", "targets": [{seed, target_fid, baseline_steps}],
+    "strategies": {name: {"per_seed": [{seed, steps_to_target, speedup, status}],
+    "reached", "n_seeds", "all_reached", "mean", "std", "min", "max", "summary"}}}.
+    The seeds are the baseline's; a strategy without a curve for one of them counts that
+    seed as not reached ("no curve"). A seed that has curves but no baseline curve is an error.
+    """
+    _check_curve_columns(curves)
+    if baseline not in set(curves["strategy"]):
+        raise SweepResultsError(
+            f"curves: no rows for the baseline strategy {baseline!r}; found strategies "
+            f"{sorted(set(curves['strategy']))}. Add it to sweep.strategies and rerun: dvc repro sweep"
+        )
+    runs = {(s, seed): _curve(g, s, seed) for (s, seed), g in curves.groupby(["strategy", "seed"], sort=False)}
+    baseline_seeds = sorted(seed for (s, seed) in runs if s == baseline)
+    orphans = sorted({(s, seed) for (s, seed) in runs if seed not in baseline_seeds})
+    if orphans:
+        raise SweepResultsError(
+            f"curves: seed(s) {sorted({seed for _, seed in orphans})} have no {baseline!r} curve "
+            f"(runs {orphans}), so they have no target. Rerun the {baseline!r} trials of those "
+            f"seeds, or drop the seeds: dvc repro sweep"
+        )
+
+    targets, baseline_steps = {}, {}
+    for seed in baseline_seeds:
+        steps, fids = runs[(baseline, seed)]
+        if len(steps) == 0:
+            raise SweepResultsError(f"curves: {baseline!r} seed {seed} has no finite FID, so no target")
+        targets[seed] = float(fids[-1])
+        # Never None: the last eval reaches its own FID.
+        baseline_steps[seed] = steps_to_target(steps, fids, targets[seed])
+
+    table = {
+        "baseline": baseline,
+        "targets": [
+            {"seed": _py(seed), "target_fid": targets[seed], "baseline_steps": baseline_steps[seed]}
+            for seed in baseline_seeds
+        ],
+        "strategies": {},
+    }
+    for strategy in strategy_order(curves, baseline):
+        per_seed = []
+        for seed in baseline_seeds:
+            entry = {"seed": _py(seed), "steps_to_target": None, "speedup": None, "status": STATUS_NO_CURVE}
+            if (strategy, seed) in runs:
+                steps, fids = runs[(strategy, seed)]
+                reach = steps_to_target(steps, fids, targets[seed]) if len(steps) else None
+                entry["status"] = STATUS_NOT_REACHED if reach is None else STATUS_REACHED
+                if reach is not None:
+                    entry["steps_to_target"] = reach
+                    entry["speedup"] = baseline_steps[seed] / reach
+            per_seed.append(entry)
+        table["strategies"][strategy] = {
+            "per_seed": per_seed,
+            **summarize_speedups([e["speedup"] for e in per_seed]),
+        }
+    return table
+
+
+def paper_comparison(table: dict, strategy: str, claimed: float) -> tuple[bool | None, str]:
+    """Whether our run reproduces a claimed speedup (every seed reached and mean >= claim),
+    and a one-line verdict. None when the strategy was not in the sweep."""
+    entry = table["strategies"].get(strategy)
+    if entry is None:
+        return None, f"not run ({strategy} is not in the sweep)"
+    if not entry["all_reached"]:
+        return False, f"no: {entry['summary']}; the paper claims {claimed}x"
+    reproduced = entry["mean"] >= claimed
+    relation = ">=" if reproduced else "<"
+    return reproduced, f"{'yes' if reproduced else 'no'}: {entry['summary']} {relation} {claimed}x claimed"
+
+
+def speedup_frame(table: dict) -> pd.DataFrame:
+    """The table as tidy rows: strategy, seed, target_fid, baseline_steps, steps_to_target,
+    speedup (NaN unless reached), status."""
+    targets = {t["seed"]: t for t in table["targets"]}
+    rows = [
+        {
+            "strategy": strategy,
+            "seed": e["seed"],
+            "target_fid": targets[e["seed"]]["target_fid"],
+            "baseline_steps": targets[e["seed"]]["baseline_steps"],
+            "steps_to_target": e["steps_to_target"],
+            "speedup": e["speedup"],
+            "status": e["status"],
+        }
+        for strategy, entry in table["strategies"].items()
+        for e in entry["per_seed"]
+    ]
+    columns = ["strategy", "seed", "target_fid", "baseline_steps", "steps_to_target", "speedup", "status"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _py(value):
+    """numpy scalar -> Python scalar, so the table serialises to JSON as is."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+# ---------------------------------------------------------------------------------------
+# Reading the sweep's output and shaping it for plots
+# ---------------------------------------------------------------------------------------
+
+def weight_columns(curves: pd.DataFrame) -> list[str]:
+    """The w_t0..w_t{B-1} columns in bucket order; they must be contiguous from 0."""
+    found = sorted((int(m.group(1)), c) for c in curves.columns if (m := WEIGHT_COLUMN.match(c)))
+    indices = [i for i, _ in found]
+    if not found or indices != list(range(len(found))):
+        raise SweepResultsError(
+            f"curves: expected weight columns w_t0 .. w_t{{B-1}} (mean loss weight per t-bucket), "
+            f"found {[c for _, c in found] or 'none'}"
+        )
+    return [c for _, c in found]
+
+
+def bucket_centres(num_buckets: int, timesteps: int) -> np.ndarray:
+    """Centre t of each of `num_buckets` equal-width buckets over [0, timesteps)."""
+    if num_buckets < 1 or timesteps < 1:
+        raise ValueError(f"need num_buckets >= 1 and timesteps >= 1, got {num_buckets}, {timesteps}")
+    width = timesteps / num_buckets
+    return (np.arange(num_buckets) + 0.5) * width
+
+
+def read_sweep(results_dir: str | Path) -> tuple[pd.DataFrame, str]:
+    """Load `curves.csv` (validated) and the FID metric's name from `trials.csv`.
+
+    The metric name falls back to "fid" when trials.csv or its 'metric' column is absent.
+    """
+    results_dir = Path(results_dir)
+    curves_path = results_dir / "curves.csv"
+    if not curves_path.is_file():
+        raise FileNotFoundError(f"{curves_path}: not found. {SWEEP_FIX}")
+    try:
+        curves = pd.read_csv(curves_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SweepResultsError(f"{curves_path}: not a readable CSV ({e}). {SWEEP_FIX}") from None
+    try:
+        _check_curve_columns(curves)
+        weight_columns(curves)
+    except SweepResultsError as e:
+        raise SweepResultsError(f"{curves_path}: {e}. {SWEEP_FIX}") from None
+    if curves.empty:
+        raise SweepResultsError(f"{curves_path}: has no rows. {SWEEP_FIX}")
+    for column in ("step", "fid"):
+        if not pd.api.types.is_numeric_dtype(curves[column]):
+            raise SweepResultsError(f"{curves_path}: column {column!r} is not numeric. {SWEEP_FIX}")
+    curves["strategy"] = curves["strategy"].astype(str)
+    return curves, read_metric_name(results_dir / "trials.csv")
+
+
+def read_metric_name(trials_path: str | Path) -> str:
+    trials_path = Path(trials_path)
+    if not trials_path.is_file():
+        return DEFAULT_METRIC
+    try:
+        trials = pd.read_csv(trials_path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise SweepResultsError(f"{trials_path}: not a readable CSV ({e}). {SWEEP_FIX}") from None
+    if "metric" not in trials.columns:
+        return DEFAULT_METRIC
+    names = sorted(set(trials["metric"].dropna().astype(str)))
+    if len(names) > 1:
+        # Curves measured with different extractors are not comparable.
+        raise SweepResultsError(f"{trials_path}: trials use different metrics {names}; expected one. {SWEEP_FIX}")
+    return names[0] if names else DEFAULT_METRIC
+
+
+def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
+    """Per (strategy, step): mean, min and max FID over seeds, and how many seeds were evaluated."""
+    finite = curves[np.isfinite(curves["fid"].to_numpy(dtype=float))]
+    grouped = finite.groupby(["strategy", "step"], sort=True)["fid"]
+    return grouped.agg(fid_mean="mean", fid_min="min", fid_max="max", n_seeds="count").reset_index()
+
+
+def weight_profiles(curves: pd.DataFrame) -> pd.DataFrame:
+    """Mean-over-seeds weight per t-bucket at each run's first ('early') and last ('late') eval.
+
+    Columns: strategy, phase, bucket, weight, steps (the eval step(s) averaged, as text).
+    """
+    columns = weight_columns(curves)
+    rows = []
+    for strategy, group in curves.groupby("strategy", sort=False):
+        by_seed = group.sort_values("step").groupby("seed")
+        for phase, picked in (("early", by_seed.head(1)), ("late", by_seed.tail(1))):
+            steps = "/".join(str(_py(s)) for s in sorted(set(picked["step"])))
+            means = picked[columns].mean(axis=0, skipna=True)
+            for bucket, column in enumerate(columns):
+                rows.append({"strategy": strategy, "phase": phase, "bucket": bucket,
+                             "weight": float(means[column]), "steps": steps})
+    return pd.DataFrame(rows, columns=["strategy", "phase", "bucket", "weight", "steps"])
