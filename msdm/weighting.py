@@ -42,7 +42,8 @@ def to_target(w_x0_over_snr: Tensor, snr: Tensor, target: str, w_x0: Tensor) -> 
     if target == "eps":
         return w_x0_over_snr
     if target == "v":
-        return w_x0_over_snr * snr / (snr + 1)  # = w_x0 / (SNR + 1)
+        # not w_x0_over_snr * snr: that is 0 at SNR = 0 even where w_x0 is not (dysigma)
+        return w_x0 / (snr + 1)
     raise ValueError(f"diffusion.target: got {target!r}, expected 'x0', 'eps' or 'v'")
 
 
@@ -181,8 +182,8 @@ class DySigma(WeightingStrategy):
         b, k = ctx.mse.shape
         sigma = torch.exp(log_var).reshape(b, k, -1).mean(2).detach()
         snr = ctx.snr.unsqueeze(1)
-        safe = torch.where(snr > 0, snr, torch.ones_like(snr))
-        w = to_target(sigma / safe, snr, ctx.target, sigma).clamp(0.0, self.cfg.clamp_max)
+        # sigma > 0, so the eps weight sigma / SNR is +inf at SNR = 0 and clamps to clamp_max
+        w = to_target(sigma / snr, snr, ctx.target, sigma).clamp(0.0, self.cfg.clamp_max)
         x0_hat = d.x0_from(ctx.target, ctx.x_t, ctx.t, ctx.prediction.detach())
         frozen_mean, _, _ = d.q_posterior(x0_hat, ctx.x_t, ctx.t)
         vlb = d.vlb_terms(ctx.x0, ctx.x_t, ctx.t, frozen_mean, log_var)
@@ -222,15 +223,20 @@ class WeightLog:
         self.reset()
 
     def reset(self) -> None:
-        self.total = torch.zeros(self.buckets, dtype=torch.float64)
-        self.count = torch.zeros(self.buckets, dtype=torch.float64)
+        self.total: Tensor | None = None  # allocated on the device of the first batch
+        self.count: Tensor | None = None
 
     def add(self, t: Tensor, weights: Tensor) -> None:
-        idx = (t.detach().cpu() * self.buckets // self.timesteps).clamp(max=self.buckets - 1)
-        w = weights.detach().float().cpu().mean(1).double()
+        if self.total is None:
+            self.total = torch.zeros(self.buckets, dtype=torch.float64, device=t.device)
+            self.count = torch.zeros(self.buckets, dtype=torch.float64, device=t.device)
+        idx = (t.detach() * self.buckets // self.timesteps).clamp(max=self.buckets - 1)
+        w = weights.detach().double().mean(1)
         self.total.index_add_(0, idx, w)
         self.count.index_add_(0, idx, torch.ones_like(w))
 
     def means(self) -> list[float]:
         """Mean weight per bucket (NaN for buckets not sampled since the last reset)."""
-        return (self.total / self.count).tolist()
+        if self.total is None:
+            return [float("nan")] * self.buckets
+        return (self.total / self.count).cpu().tolist()

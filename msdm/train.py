@@ -1,0 +1,376 @@
+"""The per-worker training loop: joint multi-space diffusion on pre-encoded latents.
+
+Framework-free: Ray (or a plain process) plugs in through `TrainHooks`, which says who
+this worker is, wraps the model for data parallelism, reports metrics and checkpoints,
+and hands back the checkpoint to resume from.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .config import Params
+from .diffusion import GaussianDiffusion
+from .diffusion_loss import DiffusionLoss
+from .io import atomic_torch_save, safe_torch_load
+from .models.vit import build_vit
+from .weighting import WeightLog, build_strategy
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss stayed NaN/inf for more steps than `train.max_nan_skips` allows."""
+
+
+class DiffusionModel(nn.Module):
+    """The backbone plus the (possibly learnable) weighting strategy, optimised together."""
+
+    def __init__(self, backbone: nn.Module, strategy: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.strategy = strategy
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.backbone(x, t, y)
+
+
+@dataclass
+class LatentInfo:
+    channels: int
+    size: int
+    subspaces: int
+    num_classes: int
+
+
+def latent_info(meta: dict) -> LatentInfo:
+    """LatentInfo from a latent store's meta.json (a single class means unconditional)."""
+    k, c = int(meta["K"]), int(meta["C"])
+    classes = int(meta["num_classes"])
+    return LatentInfo(channels=k * c, size=int(meta["h"]), subspaces=k, num_classes=classes if classes > 1 else 0)
+
+
+def build_model(params: Params, info: LatentInfo, *, preset: str | None = None) -> DiffusionModel:
+    strategy = build_strategy(params.weighting, info.subspaces)
+    backbone = build_vit(preset or params.model.preset, in_channels=info.channels, image_size=info.size,
+                         patch_size=params.model.patch_size, num_classes=info.num_classes,
+                         learn_sigma=strategy.learns_variance)
+    return DiffusionModel(backbone, strategy)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
+    if precision == "fp32":
+        return None
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class EMA:
+    """Exponential moving average of the backbone's parameters (buffers copied)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+class TrainHooks:
+    """What the loop needs from its host. The default is a single local process."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, resume_dir: Path | None = None, device: str | torch.device = "cpu"):
+        self.resume_dir = resume_dir
+        self.device = torch.device(device)
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def resume_checkpoint(self) -> Path | None:
+        """A directory holding `state.pt` to resume from, or None."""
+        if self.resume_dir is not None and (self.resume_dir / CHECKPOINT_FILE).is_file():
+            return self.resume_dir
+        return None
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        """Called on every rank at each checkpoint interval and at the end."""
+        if checkpoint_dir is not None and self.resume_dir is not None and checkpoint_dir != self.resume_dir:
+            import shutil
+
+            tmp = self.resume_dir.with_name(self.resume_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(self.resume_dir, ignore_errors=True)
+            os.replace(tmp, self.resume_dir)
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+
+@dataclass
+class TrainResult:
+    step: int
+    curve: list[dict] = field(default_factory=list)
+    images_per_second: float = float("nan")
+    seconds: float = 0.0
+
+
+class CurveWriter:
+    """The FID-vs-step curve as CSV, rewritten atomically; rows past a resume point dropped."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.rows: list[dict] = []
+
+    def load(self, up_to_step: int) -> None:
+        if self.path is None or not self.path.is_file():
+            return
+        with open(self.path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        self.rows = [{k: _num(v) for k, v in r.items()} for r in rows if int(float(r["step"])) <= up_to_step]
+        self._write()
+
+    def append(self, row: dict) -> None:
+        self.rows.append(row)
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        from .io import atomic_path
+
+        fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=fields)
+            w.writeheader()
+            w.writerows(self.rows)
+
+
+def _num(v: str) -> Any:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return v
+    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+
+
+def _injected_nan_steps() -> set[int]:
+    """Fault injection for tests: MSDM_INJECT_NAN_STEPS="5,6" makes those steps' loss NaN."""
+    raw = os.environ.get("MSDM_INJECT_NAN_STEPS", "")
+    return {int(s) for s in raw.split(",") if s.strip()}
+
+
+def _maybe_inject_crash(step: int, rank: int) -> None:
+    """Fault injection for tests: MSDM_INJECT_CRASH="step:rank:marker_file" kills this worker once."""
+    spec = os.environ.get("MSDM_INJECT_CRASH")
+    if not spec:
+        return
+    at, who, marker = spec.split(":", 2)
+    if step == int(at) and rank == int(who) and not Path(marker).exists():
+        Path(marker).write_text(f"crashed at step {step} on rank {rank}\n")
+        os._exit(1)
+
+
+def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
+               hooks: TrainHooks | None = None,
+               evaluate: Callable[[nn.Module, int], dict] | None = None,
+               curve_path: Path | None = None, steps: int | None = None, eval_every: int | None = None,
+               preset: str | None = None, seed: int | None = None, progress: bool = True) -> TrainResult:
+    """Train the diffusion model on normalised latents [N, K*C, h, w] with labels [N].
+
+    `evaluate(ema_backbone, step)` returns a dict with at least `fid`; it is called on rank 0
+    every `eval_every` steps and at the end. Checkpoints are reported every
+    `train.checkpoint_every` steps and at the end.
+    """
+    hooks = hooks or TrainHooks()
+    tc = params.train
+    steps = tc.steps if steps is None else steps
+    eval_every = params.eval.every if eval_every is None else eval_every
+    seed = tc.seed if seed is None else seed
+    device = hooks.device
+    rank, world = hooks.rank, hooks.world_size
+    local_batch = tc.batch_size // world
+
+    torch.manual_seed(seed)  # identical init on every rank
+    model = build_model(params, info, preset=preset).to(device)
+    ema = EMA(model.backbone, tc.ema_decay)
+    fused = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
+                            weight_decay=tc.weight_decay, fused=fused or None)
+    diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
+    null_class = info.num_classes if info.num_classes > 0 else None
+    loss_fn = DiffusionLoss(diffusion, model.strategy, target=params.diffusion.target, subspaces=info.subspaces,
+                            label_dropout=params.model.label_dropout, null_class=null_class)
+    autocast = autocast_for(tc.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+    gen = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
+    data_gen = torch.Generator().manual_seed(seed)
+
+    step, epoch, pos = 0, 0, 0
+    curve = CurveWriter(curve_path if rank == 0 else None)
+    ckpt_dir = hooks.resume_checkpoint()
+    if ckpt_dir is not None:
+        state = safe_torch_load(Path(ckpt_dir) / CHECKPOINT_FILE, made_by="train")
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        step, epoch, pos = int(state["step"]), int(state["epoch"]), int(state["pos"])
+        if rank < len(state["rng"]):  # a changed worker count keeps the fresh per-rank seed
+            gen.set_state(state["rng"][rank])
+        torch.set_rng_state(state["torch_rng"])
+        curve.load(up_to_step=step)
+    ddp_model = hooks.wrap_model(model)
+
+    n = latents.shape[0]
+    latents, labels = latents.to(device), labels.to(device)
+
+    def permutation(ep: int) -> Tensor:
+        g = torch.Generator().manual_seed(seed * 7919 + ep)
+        return torch.randperm(n, generator=g)
+
+    perm = permutation(epoch)
+    weight_log = WeightLog(diffusion.timesteps, params.weighting.buckets)
+    # running sums stay on the device: no host sync per step
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    mse_sum = torch.zeros(info.subspaces, device=device, dtype=torch.float64)
+    window_steps = 0
+    nan_steps = _injected_nan_steps()
+    skips = 0
+    t_start = time.perf_counter()
+    start_step = step
+    del data_gen
+
+    def checkpoint_state() -> dict:
+        rng = [gen.get_state().cpu()]
+        if world > 1:
+            gathered = [torch.empty_like(rng[0]) for _ in range(world)]
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        return {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
+                "pos": pos, "rng": rng, "torch_rng": torch.get_rng_state(),
+                "params": {"strategy": params.weighting.strategy, "preset": preset or params.model.preset}}
+
+    def do_eval() -> dict:
+        nonlocal window_steps
+        row: dict[str, Any] = {"step": step}
+        count = max(window_steps, 1)
+        row["loss"] = float(loss_sum) / count
+        for k, v in enumerate((mse_sum / count).tolist()):
+            row[f"mse_space{k}"] = v
+        means = weight_log.means()
+        finite = [m for m in means if not math.isnan(m)]
+        row["mean_weight"] = sum(finite) / len(finite) if finite else float("nan")
+        for i, m in enumerate(means):
+            row[f"w_t{i}"] = m
+        if evaluate is not None:
+            row.update(evaluate(ema.model, step))
+        curve.append(row)
+        window_steps = 0
+        loss_sum.zero_()
+        mse_sum.zero_()
+        weight_log.reset()
+        return row
+
+    def save_and_report() -> None:
+        state = checkpoint_state()
+        metrics = {"step": step, "loss": curve.rows[-1]["loss"] if curve.rows else float("nan")}
+        if curve.rows and "fid" in curve.rows[-1]:
+            metrics["fid"] = curve.rows[-1]["fid"]
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="msdm-ckpt-") as tmp:
+            d = Path(tmp)
+            if rank == 0:
+                atomic_torch_save(state, d / CHECKPOINT_FILE)
+            hooks.report(metrics, d if rank == 0 else None)
+
+    bar = None
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=f"train[{params.weighting.strategy}]", disable=None,
+                   mininterval=2.0)
+    model.train()
+    while step < steps:
+        if pos + local_batch * world > n:
+            epoch, pos = epoch + 1, 0
+            perm = permutation(epoch)
+        idx = perm[pos + rank * local_batch: pos + (rank + 1) * local_batch].to(device)
+        pos += local_batch * world
+        x0, y = latents[idx], labels[idx]
+        out = loss_fn(ddp_model, x0, y if null_class is not None else None, generator=gen, autocast=autocast)
+        loss = out.loss
+        if (step + 1) in nan_steps:
+            loss = loss * float("nan")
+        if not torch.isfinite(loss):
+            skips += 1
+            opt.zero_grad(set_to_none=True)
+            if skips > tc.max_nan_skips:
+                raise NonFiniteLossError(
+                    f"non-finite loss at step {step + 1}: {skips} bad steps exceed train.max_nan_skips="
+                    f"{tc.max_nan_skips}; the last good checkpoint is kept. Lower train.lr or use fp32.")
+            warnings.warn(f"non-finite loss at step {step + 1}; step skipped ({skips}/{tc.max_nan_skips})",
+                          RuntimeWarning, stacklevel=1)
+            step += 1
+            if bar is not None:
+                bar.update(1)
+            continue
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        ema.update(model.backbone)
+        step += 1
+        _maybe_inject_crash(step, rank)
+        if rank == 0:
+            loss_sum += loss.detach().double()
+            mse_sum += out.mse.mean(0).double()
+            window_steps += 1
+            weight_log.add(out.t, out.weights)
+        if bar is not None:
+            bar.update(1)
+        if rank == 0 and (step % eval_every == 0 or step == steps):
+            row = do_eval()
+            if bar is not None:
+                bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "fid") if k in row})
+        if step % tc.checkpoint_every == 0 or step == steps:
+            save_and_report()
+    if bar is not None:
+        bar.close()
+    if step == start_step:  # resumed a finished run: report its checkpoint again for the caller
+        save_and_report()
+    seconds = time.perf_counter() - t_start
+    ips = (step - start_step) * tc.batch_size / seconds if step > start_step else float("nan")
+    return TrainResult(step=step, curve=curve.rows, images_per_second=ips, seconds=seconds)

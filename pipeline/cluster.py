@@ -1,0 +1,46 @@
+"""One Ray connection per process: a local cluster by default, or an existing one."""
+from __future__ import annotations
+
+import os
+
+from msdm.config import RayConfig
+
+# Quiet, local-only defaults; set before Ray is imported anywhere in this process.
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Ray Train/Tune print a large table per report by default; our own tqdm bars show progress.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def init_ray(cfg: RayConfig):
+    """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster with no dashboard.
+
+    Reuses an existing connection, so stages and tests pay Ray's start-up once per process.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.address or os.environ.get("RAY_ADDRESS", "")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return ray
+    ray.init(
+        num_cpus=cfg.num_cpus or None,
+        include_dashboard=False,
+        dashboard_host="127.0.0.1",
+        object_store_memory=512 * 1024 * 1024,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level="WARNING",
+    )
+    return ray
+
+
+def shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

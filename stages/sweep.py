@@ -1,0 +1,38 @@
+"""DVC stage `sweep`: Ray Tune over sweep.strategies x sweep.seeds.
+
+    python -m stages.sweep
+
+Writes results/sweep/curves.csv (strategy, seed, step, fid, loss, per-subspace MSE and the
+mean weight per t-bucket) and results/sweep/trials.csv. Re-running after an interruption
+restores the Tune experiment and resumes each trial from its last checkpoint.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from msdm.config import Params
+from stages._cli import require, run_stage
+
+LATENTS = Path("data/latents")
+OUT = Path("results/sweep")
+
+
+def body(params: Params, args) -> None:
+    from pipeline.cluster import init_ray
+    from pipeline.runs import run_paths
+    from pipeline.sweep import run_sweep
+
+    paths = run_paths(LATENTS, None)
+    require(LATENTS / "meta.json", "encode")
+    require(paths.autoencoder, "autoencoder")
+    require(paths.fid_ref, "fid_ref")
+    if params.fid.extractor == "featurenet":
+        require(paths.featurenet, "featurenet")
+    init_ray(params.ray)
+    out = run_sweep(params, paths, OUT, LATENTS)
+    print(f"sweep: wrote {out.curves} and {out.trials}")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage("sweep", body))
