@@ -7,6 +7,7 @@ naming the key, the value and what is allowed, before any compute starts.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,6 +199,8 @@ def _check_field(key: str, value: Any, f: dataclasses.Field, tp: Any) -> Any:
         raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_TYPE_NAMES.get(tp, tp)}")
     if tp is float:
         value = float(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: got {value!r}, expected a finite number")
     m = f.metadata
     if m.get("choices") is not None and value not in m["choices"]:
         raise ConfigError(f"{key}: got {value!r}, expected one of {', '.join(map(repr, m['choices']))}")

@@ -28,11 +28,11 @@ class SampleGenerator:
 
     def __init__(self, params: Params, store: "LatentStore", decoder_path: str, info: "LatentInfo",
                  device: torch.device | str = "cpu"):
-        from .multispace import load_codec
+        from .codec import load_codec
 
         self.params, self.store, self.info = params, store, info
         self.device = torch.device(device)
-        self.codec = load_codec(decoder_path, device=self.device)
+        self.codec = load_codec(params.autoencoder, decoder_path).to(self.device)
         self.diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
         self.learn_sigma = strategy_learns_variance(params.weighting.strategy)
 

@@ -78,8 +78,12 @@ class TuneHooks:
 
 def _trial(config: dict) -> None:
     """Tune driver function: one (strategy, seed) training run."""
+    import os
+
     import torch
 
+    if config["strategy"] in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):
+        raise RuntimeError(f"injected failure in trial {config['strategy']} (MSDM_INJECT_TRIAL_ERROR)")
     torch.set_num_threads(int(config["threads"]))
     base = params_from_dict(config["params"])
     params = trial_params(base, config["strategy"])

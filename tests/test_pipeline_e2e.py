@@ -1,0 +1,114 @@
+"""A real `dvc repro` of every stage on a tiny config: Ray Train with 2 CPU workers, a real
+Tune sweep, torch-fidelity FID with the domain extractor, resume after SIGKILL."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from e2e import TINY_PARAMS, VENV_BIN, copy_repo, dvc, env
+
+pytestmark = pytest.mark.slow
+
+STAGES = ["download", "autoencoder", "encode", "featurenet", "fid_ref", "train", "evaluate", "sweep", "report"]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory):
+    root = copy_repo(tmp_path_factory.mktemp("tiny-repo"), TINY_PARAMS)
+    proc = dvc(root, "repro", timeout=900)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in proc.stdout, proc.stdout[-3000:]
+    return root
+
+
+def load(repo: Path, rel: str) -> dict:
+    return json.loads((repo / rel).read_text())
+
+
+def curve_steps(path: Path) -> list[int]:
+    with open(path, newline="") as fh:
+        return [int(r["step"]) for r in csv.DictReader(fh)]
+
+
+def test_every_output_is_written(repo):
+    ae = load(repo, "metrics/autoencoder.json")
+    assert 0 < ae["ssim"] <= 1 and ae["psnr"] > 0
+    ev = load(repo, "metrics/eval.json")
+    assert ev["metric"] == "fid_featurenet" and ev["extractor"] == "featurenet"
+    assert ev["fid"] > 0 and ev["fid_untrained"] > 0 and ev["num_samples"] == 40
+    assert curve_steps(repo / "results/train/curve.csv") == [4, 8, 12]
+    speed = load(repo, "metrics/speedup.json")
+    assert {s["strategy"] if isinstance(s, dict) else s for s in speed["strategies"]} >= {"const", "dysigma"}
+    with open(repo / "results/sweep/curves.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["strategy"], int(r["step"])) for r in rows} == {(s, k) for s in ("const", "dysigma") for k in (4, 8)}
+    for png in ("plots/reconstructions.png", "plots/samples.png", "plots/convergence.png", "plots/weights.png"):
+        assert (repo / png).stat().st_size > 5000, png
+    assert (repo / "data/latents/meta.json").is_file()
+
+
+def test_second_repro_does_nothing(repo):
+    start = time.perf_counter()
+    proc = dvc(repo, "repro")
+    assert "Running stage" not in proc.stdout
+    assert time.perf_counter() - start < 30
+
+
+def test_param_change_reruns_only_downstream(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["autoencoder"]["ssim_weight"] = 0.5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        proc = dvc(repo, "repro", "--dry")
+    finally:
+        (repo / "params.yaml").write_text(original)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in proc.stdout]
+    assert "download" not in ran and "featurenet" not in ran and "fid_ref" not in ran
+    assert ran[:2] == ["autoencoder", "encode"], proc.stdout
+
+
+def test_sigkill_during_train_resumes_from_checkpoint(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(steps=28, checkpoint_every=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    curve = repo / "results/train/curve.csv"
+    proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro", "train"], cwd=repo, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            if curve.is_file() and max(curve_steps(curve), default=0) >= 12 and proc.poll() is None:
+                break
+            assert proc.poll() is None, "train finished before it could be killed"
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        subprocess.run([str(VENV_BIN / "ray"), "stop", "--force"], env=env(), capture_output=True)
+    killed_at = curve_steps(curve)
+    assert 12 <= max(killed_at) < 28
+    dvc(repo, "repro", "train")
+    # every eval present once; the rows after the last checkpoint were redone, not duplicated
+    assert curve_steps(curve) == list(range(4, 29, 4))
+    assert load(repo, "metrics/train.json")["step"] == 28
+
+
+def test_failed_sweep_trial_fails_the_stage(repo):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["sweep"].update(seeds=[5])  # a new experiment, not a restore of the finished one
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    e = env()
+    e["MSDM_INJECT_TRIAL_ERROR"] = "dysigma"
+    proc = subprocess.run([str(VENV_BIN / "python"), "-m", "stages.sweep"], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert "injected failure in trial dysigma" in proc.stderr
