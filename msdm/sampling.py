@@ -21,6 +21,8 @@ def timestep_grid(timesteps: int, steps: int) -> list[int]:
     """`steps` distinct, evenly spaced timesteps from T-1 down to 0."""
     if not 1 <= steps <= timesteps:
         raise ValueError(f"sampling steps: got {steps}, expected 1..{timesteps}")
+    if steps == 1:  # linspace(0, T-1, 1) is [0]: one step must start from pure noise at T-1
+        return [timesteps - 1]
     grid = torch.linspace(0, timesteps - 1, steps).round().long().unique().tolist()
     return sorted(grid, reverse=True)
 
