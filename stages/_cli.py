@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Callable
 
 from msdm.config import ConfigError, Params, load_params
+from msdm.data import DatasetError
 from msdm.errors import PipelineError
 from msdm.io import CorruptFileError
 
@@ -35,7 +36,7 @@ def run_stage(name: str, body: Callable[[Params, argparse.Namespace], None],
     try:
         params = load_params(args.params)
         body(params, args)
-    except (ConfigError, CorruptFileError, InputMissingError, PipelineError) as e:
+    except (ConfigError, CorruptFileError, FileNotFoundError, DatasetError, PipelineError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     print(f"{name}: done in {time.perf_counter() - start:.1f}s")
