@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
 
 def init_ray(cfg: RayConfig):
-    """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster with no dashboard.
+    """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster (dashboard on 127.0.0.1).
 
     Reuses an existing connection, so stages and tests pay Ray's start-up once per process.
     """
@@ -27,9 +27,11 @@ def init_ray(cfg: RayConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
+    # The dashboard process also serves Ray's state API, which Ray Train's placement-group
+    # cleanup polls; it is bound to loopback only.
     ray.init(
         num_cpus=cfg.num_cpus or None,
-        include_dashboard=False,
+        include_dashboard=True,
         dashboard_host="127.0.0.1",
         object_store_memory=512 * 1024 * 1024,
         log_to_driver=True,
