@@ -29,15 +29,17 @@ def init_ray(cfg: RayConfig):
         return ray
     # The dashboard process also serves Ray's state API, which Ray Train's placement-group
     # cleanup polls; it is bound to loopback only.
-    ray.init(
-        num_cpus=cfg.num_cpus or None,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        object_store_memory=512 * 1024 * 1024,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level="WARNING",
-    )
+    kwargs = dict(num_cpus=cfg.num_cpus or None, dashboard_host="127.0.0.1",
+                  object_store_memory=512 * 1024 * 1024, log_to_driver=True, configure_logging=True,
+                  logging_level="WARNING")
+    try:
+        ray.init(include_dashboard=True, **kwargs)
+    except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+        if "missing packages" not in str(e):
+            raise
+        # an environment with plain `ray` (not ray[default]): run without the dashboard
+        ray.shutdown()
+        ray.init(include_dashboard=False, **kwargs)
     return ray
 
 
