@@ -162,6 +162,13 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    wandb: bool = _f(False, doc="log from rank 0 to Weights & Biases (pip install wandb==0.31.0)")
+    project: str = _f("msdm")
+    mode: str = _f("offline", choices=("offline", "online", "disabled"))
+
+
+@dataclass(frozen=True)
 class Params:
     data: DataConfig = field(default_factory=DataConfig)
     autoencoder: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -175,6 +182,7 @@ class Params:
     featurenet: FeatureNetConfig = field(default_factory=FeatureNetConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -195,6 +203,11 @@ _TYPE_NAMES = {bool: "a boolean", int: "an integer", float: "a number", str: "a 
 
 
 def _check_field(key: str, value: Any, f: dataclasses.Field, tp: Any) -> Any:
+    if tp is float and isinstance(value, str):
+        try:  # `dvc exp run -S train.lr=1e-5` writes 1e-05, which YAML 1.1 reads as a string
+            value = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: got {value!r} (str), expected a number") from None
     if not _type_ok(value, tp):
         raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_TYPE_NAMES.get(tp, tp)}")
     if tp is float:
@@ -254,8 +267,9 @@ def _cross_checks(p: Params) -> None:
     latent = p.data.image_size // p.autoencoder.downsample
     if p.autoencoder.kind == "sd-vae":
         need(p.autoencoder.downsample == 8, "autoencoder.downsample: sd-vae downsamples by 8; set it to 8")
-        need(4 % p.autoencoder.subspaces == 0,
-             f"autoencoder.subspaces: {p.autoencoder.subspaces} must divide the 4 sd-vae latent channels")
+        need(p.autoencoder.subspaces * p.autoencoder.channels == 4,
+             f"autoencoder.subspaces x autoencoder.channels: {p.autoencoder.subspaces} x {p.autoencoder.channels} "
+             f"must equal the 4 sd-vae latent channels (e.g. subspaces 2, channels 2)")
     need(latent % p.model.patch_size == 0,
          f"model.patch_size: {p.model.patch_size} does not divide the latent size {latent} "
          f"(data.image_size / autoencoder.downsample)")

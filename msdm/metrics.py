@@ -363,14 +363,16 @@ def load_stats(path: str | Path, *, fix: str = REFERENCE_STATS_FIX) -> dict:
         raise MissingReferenceStatsError(f"{path}: FID reference statistics not found. Fix: {fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            contents = {k: npz[k] for k in npz.files}
+            # only these keys: ADM reference batches also carry every image (GBs) as arr_0
+            contents = {k: npz[k] for k in ("mu", "sigma", "extractor") if k in npz.files}
+            found = sorted(npz.files)
     except Exception as e:  # noqa: BLE001 - zipfile/pickle/value errors for bad files
         raise CorruptFileError(f"{path}: not a readable .npz of FID statistics "
                                f"({type(e).__name__}: {e}). Fix: {fix}") from None
     missing = [k for k in ("mu", "sigma") if k not in contents]
     if missing:
         raise CorruptFileError(f"{path}: FID statistics need keys 'mu' and 'sigma'; missing {missing}, "
-                               f"found {sorted(contents)}. Fix: {fix}")
+                               f"found {found}. Fix: {fix}")
     stats = {"mu": contents["mu"].astype(np.float64), "sigma": contents["sigma"].astype(np.float64)}
     _check_stats_arrays(stats, path, fix)
     extractor = contents.get("extractor")

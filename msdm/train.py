@@ -181,13 +181,19 @@ def _injected_nan_steps() -> set[int]:
 
 
 def _maybe_inject_crash(step: int, rank: int) -> None:
-    """Fault injection for tests: MSDM_INJECT_CRASH="step:rank:marker_file" kills this worker once."""
+    """Fault injection for tests: MSDM_INJECT_CRASH="step:rank:marker_file" kills this worker once.
+
+    MSDM_INJECT_CRASH_DELAY_S waits that long first: Ray Train registers a reported
+    checkpoint only when its controller next polls the workers (every 2 s), so a crash
+    right after a report would otherwise restart from the checkpoint before it.
+    """
     spec = os.environ.get("MSDM_INJECT_CRASH")
     if not spec:
         return
     at, who, marker = spec.split(":", 2)
     if step == int(at) and rank == int(who) and not Path(marker).exists():
         Path(marker).write_text(f"crashed at step {step} on rank {rank}\n")
+        time.sleep(float(os.environ.get("MSDM_INJECT_CRASH_DELAY_S", "0")))
         os._exit(1)
 
 
@@ -244,7 +250,11 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     ddp_model = hooks.wrap_model(model)
 
     n = latents.shape[0]
-    latents, labels = latents.to(device), labels.to(device)
+    # The latent set stays in host memory (ImageNet-512 latents are ~84 GB); only each
+    # batch moves to the device, asynchronously from pinned memory on CUDA.
+    pin = device.type == "cuda"
+    if pin:
+        latents, labels = latents.pin_memory(), labels.pin_memory()
 
     def permutation(ep: int) -> Tensor:
         g = torch.Generator().manual_seed(seed * 7919 + ep)
@@ -296,7 +306,9 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
 
     def save_and_report() -> None:
         state = checkpoint_state()
-        metrics = {"step": step, "loss": curve.rows[-1]["loss"] if curve.rows else float("nan")}
+        # resumed_from_step shows a host (and its tests) where this attempt picked the run up
+        metrics = {"step": step, "resumed_from_step": start_step,
+                   "loss": curve.rows[-1]["loss"] if curve.rows else float("nan")}
         if curve.rows and "fid" in curve.rows[-1]:
             metrics["fid"] = curve.rows[-1]["fid"]
         import tempfile
@@ -318,9 +330,10 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         if pos + local_batch * world > n:
             epoch, pos = epoch + 1, 0
             perm = permutation(epoch)
-        idx = perm[pos + rank * local_batch: pos + (rank + 1) * local_batch].to(device)
+        idx = perm[pos + rank * local_batch: pos + (rank + 1) * local_batch]
         pos += local_batch * world
-        x0, y = latents[idx], labels[idx]
+        x0 = latents[idx].to(device, non_blocking=pin)
+        y = labels[idx].to(device, non_blocking=pin)
         out = loss_fn(ddp_model, x0, y if null_class is not None else None, generator=gen, autocast=autocast)
         loss = out.loss
         if (step + 1) in nan_steps:

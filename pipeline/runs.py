@@ -55,16 +55,34 @@ def run_paths(latents: Path, curve: Path | None, *, with_eval: bool = True, para
                     fid_ref=str(FID_REF) if with_eval else None)
 
 
+LOCAL_STORAGE = Path("results/ray")  # what dvc.yaml declares as the (persistent) outputs
+
+
 def storage_for(params: Params, suffix: str) -> str:
+    """Where Ray keeps this stage's runs. Elsewhere than results/ray (NFS, s3://), the declared
+    DVC output results/ray/<suffix> holds a pointer file naming the real location instead."""
     root = params.ray.storage_path.rstrip("/")
-    return f"{root}/{suffix}"
+    storage = f"{root}/{suffix}"
+    local = LOCAL_STORAGE / suffix
+    if "://" in root or Path(root).resolve() != LOCAL_STORAGE.resolve():
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "STORAGE_LOCATION.txt").write_text(storage + "\n")
+    return storage
 
 
 def train_with_ray(params: Params, paths: RunPaths, *, name: str, storage_suffix: str,
                    overrides: RunOverrides | None = None) -> RunSummary:
-    trainer = build_trainer(params, paths, name=name, overrides=overrides,
-                            storage_path=storage_for(params, storage_suffix))
-    result = trainer.fit()
+    import ray.train
+
+    storage = storage_for(params, storage_suffix)
+    trainer = build_trainer(params, paths, name=name, overrides=overrides, storage_path=storage)
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # Ray Train V2 raises instead of returning result.error
+        raise TrainingFailedError(
+            f"training run {name} failed after train.max_failures={params.train.max_failures} restart(s): "
+            f"{_failure_reason(e)}. The last checkpoint is kept in {storage}/{name}; rerun the stage to resume "
+            f"from it (or raise train.max_failures)") from e
     if result.error is not None:
         raise TrainingFailedError(f"training run {name} failed: {result.error}") from result.error
     if result.checkpoint is None:
@@ -72,6 +90,18 @@ def train_with_ray(params: Params, paths: RunPaths, *, name: str, storage_suffix
     local = Path(tempfile.mkdtemp(prefix="msdm-final-"))
     ckpt_dir = Path(result.checkpoint.to_directory(str(local)))
     return RunSummary(metrics=dict(result.metrics or {}), checkpoint_dir=ckpt_dir)
+
+
+def _failure_reason(error: Exception) -> str:
+    """One line per failed worker (Ray's own message is a multi-line report with tracebacks)."""
+    def first_line(e: object) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0].rstrip('.') if lines else ''}"
+
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"rank {rank}: {first_line(e)}" for rank, e in sorted(failures.items()))
+    return first_line(error)
 
 
 def export_final_model(params: Params, checkpoint_dir: Path, latents_dir: Path, out: Path) -> None:

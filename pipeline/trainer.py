@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from msdm.config import Params, params_from_dict, to_dict
+from msdm.tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
+from msdm.tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
 from msdm.train import TrainHooks, TrainResult
 
 
@@ -75,8 +77,11 @@ class RayTrainHooks(TrainHooks):
 
 
 def run_worker(params: Params, paths: RunPaths, overrides: RunOverrides, hooks: TrainHooks,
-               progress: bool = True) -> TrainResult:
-    """Load the latents and evaluator, then run the loop. Shared by Ray, Tune and local runs."""
+               progress: bool = True, tracker: Tracker | None = None) -> TrainResult:
+    """Load the latents and evaluator, then run the loop. Shared by Ray, Tune and local runs.
+
+    `tracker` (msdm.tracking, rank 0): logs each checkpoint report and each evaluation.
+    """
     from msdm.evaluation import build_evaluator
     from msdm.latents import LatentStore
     from msdm.train import latent_info, train_loop
@@ -89,6 +94,9 @@ def run_worker(params: Params, paths: RunPaths, overrides: RunOverrides, hooks: 
     if hooks.rank == 0 and paths.fid_ref:
         evaluate = build_evaluator(params, store, paths, num_samples=overrides.num_samples,
                                    device=hooks.device, info=info)
+    if tracker is not None and tracker.enabled:
+        hooks = TrackedHooks(hooks, tracker)
+        evaluate = tracked_evaluate(evaluate, tracker) if evaluate is not None else None
     return train_loop(params, latents, labels, info, hooks=hooks, evaluate=evaluate,
                       curve_path=Path(paths.curve) if paths.curve else None, steps=overrides.steps,
                       eval_every=overrides.eval_every, preset=overrides.preset, seed=overrides.seed,
@@ -98,7 +106,17 @@ def run_worker(params: Params, paths: RunPaths, overrides: RunOverrides, hooks: 
 def _train_fn(config: dict) -> None:
     """Ray Train's per-worker entry point."""
     params = params_from_dict(config["params"])
-    run_worker(params, RunPaths(**config["paths"]), RunOverrides(**config["overrides"]), RayTrainHooks())
+    hooks = RayTrainHooks()
+    tracking = config.get("tracking", {})
+    tracker = build_tracker(params, rank=hooks.rank, run_name=tracking.get("run_name", ""),
+                            config={**config["params"], "world_size": hooks.world_size},
+                            directory=tracking.get("dir", DEFAULT_TRACKING_DIR))
+    failed = True
+    try:
+        run_worker(params, RunPaths(**config["paths"]), RunOverrides(**config["overrides"]), hooks, tracker=tracker)
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
 
 
 def build_trainer(params: Params, paths: RunPaths, *, name: str, overrides: RunOverrides | None = None,
@@ -106,6 +124,7 @@ def build_trainer(params: Params, paths: RunPaths, *, name: str, overrides: RunO
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    check_tracking(params)  # a missing wandb fails here, before any worker starts
     tc = params.train
     storage = storage_path or params.ray.storage_path
     if "://" not in storage:
@@ -114,7 +133,9 @@ def build_trainer(params: Params, paths: RunPaths, *, name: str, overrides: RunO
     return TorchTrainer(
         _train_fn,
         train_loop_config={"params": to_dict(params), "paths": paths.resolved().__dict__,
-                           "overrides": overrides.__dict__},
+                           "overrides": overrides.__dict__,
+                           # absolute: Ray workers do not run in the repository directory
+                           "tracking": {"run_name": name, "dir": str(DEFAULT_TRACKING_DIR.resolve())}},
         scaling_config=ray.train.ScalingConfig(
             num_workers=tc.num_workers, use_gpu=tc.use_gpu,
             resources_per_worker={"CPU": tc.cpus_per_worker, **({"GPU": 1} if tc.use_gpu else {})},

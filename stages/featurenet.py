@@ -25,6 +25,15 @@ def body(params: Params, args) -> None:
     from msdm.models.featurenet import evaluate_accuracy, save_featurenet, train_featurenet
 
     cfg = params.featurenet
+    if params.fid.extractor != "featurenet":
+        # No domain classifier is needed; a marker keeps the declared output (and DVC) consistent.
+        from msdm.io import atomic_torch_save
+
+        reason = f"fid.extractor is {params.fid.extractor!r}; no domain classifier trained"
+        atomic_torch_save({"kind": "none", "reason": reason}, MODEL_OUT)
+        atomic_write_json({"skipped": reason}, METRICS_OUT)
+        print(f"featurenet: skipped ({reason})")
+        return
     classes = num_classes(params.data)
     if classes < 2:
         raise ConfigError(f"data.dataset: {params.data.dataset!r} has no class labels, so no classifier can be "

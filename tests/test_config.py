@@ -50,6 +50,15 @@ def test_bad_values_name_key_value_and_allowed(section, key, value, needle):
     assert needle in str(info.value)
 
 
+def test_exponent_floats_written_by_dvc_exp_run_are_numbers():
+    raw = raw_params()
+    raw["train"]["lr"] = "1e-05"  # what `dvc exp run -S train.lr=1e-5` leaves in params.yaml
+    assert params_from_dict(raw).train.lr == 1e-5
+    raw["train"]["lr"] = "fast"
+    with pytest.raises(ConfigError, match="train.lr: got 'fast' \\(str\\), expected a number"):
+        params_from_dict(raw)
+
+
 def test_unknown_keys_are_refused():
     raw = raw_params()
     raw["train"]["learning_rate"] = 1e-4
