@@ -55,7 +55,7 @@ class AutoencoderConfig:
     ssim_weight: float = _f(0.3, min=0.0, max=1.0, doc="lambda in lambda*(1-SSIM)+(1-lambda)*Huber")
     recon_loss: str = _f("hybrid", choices=("hybrid", "l2"))
     huber_delta: float = _f(0.1, min=0.0, min_exclusive=True)
-    steps: int = _f(3000, min=0)
+    steps: int = _f(2000, min=0)
     batch_size: int = _f(128, min=1)
     lr: float = _f(2e-3, min=0.0, min_exclusive=True)
     seed: int = _f(0, min=0)
@@ -77,7 +77,7 @@ class DiffusionConfig:
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    strategy: str = _f("dysigma", choices=STRATEGIES)
+    strategy: str = _f("dysigma_min_snr", choices=STRATEGIES)
     gamma: float = _f(5.0, min=0.0, min_exclusive=True, doc="min_snr / dysigma_min_snr clip")
     clamp_max: float = _f(10.0, min=0.0, min_exclusive=True, doc="dysigma weight upper clamp")
     fourier_features: int = _f(128, min=1, max=4096, doc="learned u(t): random Fourier features")
@@ -89,19 +89,19 @@ class WeightingConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _f("vit-small", choices=PRESETS)
+    preset: str = _f("vit-tiny", choices=PRESETS)
     patch_size: int = _f(2, min=1, max=32)
     label_dropout: float = _f(0.15, min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _f(6000, min=0)
-    batch_size: int = _f(128, min=1, doc="global batch, split over workers")
-    lr: float = _f(3e-4, min=0.0, min_exclusive=True)
+    steps: int = _f(4000, min=0)
+    batch_size: int = _f(64, min=1, doc="global batch, split over workers")
+    lr: float = _f(1e-3, min=0.0, min_exclusive=True)
     betas: list = _f([0.9, 0.99])
     weight_decay: float = _f(0.03, min=0.0)
-    ema_decay: float = _f(0.999, min=0.0, max=1.0)
+    ema_decay: float = _f(0.995, min=0.0, max=1.0)
     grad_clip: float = _f(1.0, min=0.0, doc="0 disables clipping")
     precision: str = _f("bf16", choices=PRECISIONS)
     num_workers: int = _f(1, min=1, max=4096)
@@ -136,7 +136,7 @@ class FIDConfig:
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    steps: int = _f(1500, min=0)
+    steps: int = _f(1000, min=0)
     batch_size: int = _f(256, min=1)
     lr: float = _f(2e-3, min=0.0, min_exclusive=True)
     feature_dim: int = _f(128, min=2, max=4096)
@@ -147,8 +147,8 @@ class FeatureNetConfig:
 class SweepConfig:
     strategies: list = _f(["const", "min_snr", "learned", "dysigma", "dysigma_min_snr"])
     seeds: list = _f([0, 1])
-    steps: int = _f(3000, min=1)
-    eval_every: int = _f(500, min=1)
+    steps: int = _f(1200, min=1)
+    eval_every: int = _f(200, min=1)
     num_samples: int = _f(500, min=2)
     preset: str = _f("vit-tiny", choices=PRESETS)
     cpus_per_trial: int = _f(1, min=1)
