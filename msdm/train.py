@@ -107,9 +107,15 @@ class TrainHooks:
 
     def resume_checkpoint(self) -> Path | None:
         """A directory holding `state.pt` to resume from, or None."""
-        if self.resume_dir is not None and (self.resume_dir / CHECKPOINT_FILE).is_file():
-            return self.resume_dir
+        if self.resume_dir is None:
+            return None
+        for d in (self.resume_dir, self._previous()):  # .old: a crash between the two renames
+            if (d / CHECKPOINT_FILE).is_file():
+                return d
         return None
+
+    def _previous(self) -> Path:
+        return self.resume_dir.with_name(self.resume_dir.name + ".old")
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         """Called on every rank at each checkpoint interval and at the end."""
@@ -117,10 +123,15 @@ class TrainHooks:
             import shutil
 
             tmp = self.resume_dir.with_name(self.resume_dir.name + ".tmp")
+            old = self._previous()
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp)
-            shutil.rmtree(self.resume_dir, ignore_errors=True)
+            # the old checkpoint stays readable until the new one is in place
+            if self.resume_dir.exists():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(self.resume_dir, old)
             os.replace(tmp, self.resume_dir)
+            shutil.rmtree(old, ignore_errors=True)
 
     def barrier(self) -> None:
         if self.world_size > 1 and torch.distributed.is_initialized():
