@@ -485,6 +485,8 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
 
     raw = to_dict(Params())
     raw["model"].update(preset="vit-tiny")
+    raw["weighting"].update(strategy="dysigma")  # learned variance: 2x output channels
+    raw["train"].update(batch_size=128)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)  # no data/latents, no models: a real run would refuse to start
     assert run_stage("train", train_stage.body, train_stage.configure, argv=["--dry-run", "--json"]) == 0
