@@ -17,13 +17,6 @@ T = 1000
 DIFFUSION = GaussianDiffusion(T)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: intra-op threads fighting other processes make tiny models ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_vit(**overrides) -> ViT:

@@ -26,14 +26,6 @@ DIFFUSION = GaussianDiffusion(T)
 TARGETS = ("x0", "eps", "v")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Two shared cores: intra-op threads fighting other processes make these tiny models
-    # ~10-30x slower; one thread keeps the file fast and its timings stable.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def strategy(name: str, subspaces: int = 1, **cfg) -> WeightingStrategy:
