@@ -247,9 +247,17 @@ def _up_or_same(c_in: int, c_out: int, stride: int) -> nn.Module:
 
 
 def build_autoencoder(cfg, in_channels: int) -> MultiSpaceAutoencoder:
-    """From an `msdm.config.AutoencoderConfig`."""
-    return MultiSpaceAutoencoder(in_channels, cfg.subspaces, cfg.channels, cfg.downsample,
-                                 list(cfg.widths), cfg.attn_heads)
+    """From an `msdm.config.AutoencoderConfig`, initialised from `cfg.seed`.
+
+    The initial weights depend on the seed alone, not on whatever used the global RNG
+    before; the process's default RNG is not fixed either (torch.initial_seed() differs
+    from run to run here), so without this two runs start from different weights. The
+    global RNG state is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return MultiSpaceAutoencoder(in_channels, cfg.subspaces, cfg.channels, cfg.downsample,
+                                     list(cfg.widths), cfg.attn_heads)
 
 
 def count_parameters(model: nn.Module) -> int:

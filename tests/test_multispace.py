@@ -11,20 +11,10 @@ from msdm.codec import MultiSpaceCodec, load_codec
 from msdm.config import AutoencoderConfig
 from msdm.io import CorruptFileError, atomic_torch_save
 from msdm.losses import ReconstructionLoss, hybrid_recon_loss, hybrid_recon_terms, l2_recon_loss, ssim
-from msdm.multispace import (MultiSpaceAutoencoder, SubspaceCrossAttention, SubspaceFusion, load_autoencoder,
-                             save_autoencoder, sincos_positions_2d)
+from msdm.multispace import (MultiSpaceAutoencoder, SubspaceCrossAttention, SubspaceFusion, build_autoencoder,
+                             load_autoencoder, save_autoencoder, sincos_positions_2d)
 
 TINY = dict(widths=[8, 16], attn_heads=2)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These tensors are tiny: threads buy nothing, and on shared, busy cores every OpenMP
-    # barrier waits for a descheduled thread (measured 40x slower). Restored afterwards.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_model(k: int, c: int = 2, f: int = 4, in_channels: int = 1, seed: int = 0, **kw) -> MultiSpaceAutoencoder:
@@ -277,6 +267,20 @@ def test_a_few_dozen_steps_lower_the_loss(k, kind, precision):
     assert last < 0.7 * first, result.losses
     assert after["l1"] < before["l1"]
     assert not model.training
+
+
+def test_build_initialises_from_the_config_seed_only():
+    cfg = AutoencoderConfig(subspaces=2, channels=2, downsample=4, widths=[8, 16], attn_heads=2, seed=5)
+    torch.manual_seed(123)
+    a = build_autoencoder(cfg, 1).state_dict()
+    state_after = torch.get_rng_state()
+    torch.rand(10)  # whatever ran before must not matter
+    b = build_autoencoder(cfg, 1).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = build_autoencoder(AutoencoderConfig(**{**cfg.__dict__, "seed": 6}), 1).state_dict()
+    assert not torch.equal(a["encoder.0.weight"], other["encoder.0.weight"])
+    torch.manual_seed(123)
+    assert torch.equal(torch.get_rng_state(), state_after)  # the global RNG was left alone
 
 
 def test_training_is_reproducible_for_a_seed():
