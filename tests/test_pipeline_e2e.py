@@ -3,6 +3,7 @@ Tune sweep, torch-fidelity FID with the domain extractor, resume after SIGKILL."
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import signal
@@ -13,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from e2e import TINY_PARAMS, VENV_BIN, copy_repo, dvc, env
+from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env
+from msdm.config import Params, load_params, replace
+from pipeline.sweep import trial_overrides, trial_params
 
 pytestmark = pytest.mark.slow
 
@@ -79,6 +82,53 @@ def test_param_change_reruns_only_downstream(repo):
     # encode depends on the autoencoder's output, so a new model reruns it (and not download)
     encode = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["encode"]
     assert "models/autoencoder.pt" in encode["deps"] and "autoencoder.ssim_weight" not in encode["params"]
+
+
+# What a sweep trial sets itself (pipeline.sweep.trial_params / trial_overrides) or never reads.
+SWEEP_IGNORES = {"weighting": {"strategy"}, "model": {"preset"},
+                 "train": {"steps", "seed", "checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker"},
+                 "eval": {"every", "num_samples", "final_num_samples"}}
+
+
+def test_sweep_stage_lists_every_param_a_trial_reads():
+    listed = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sweep"]["params"])
+    for section in ("diffusion", "weighting", "model", "train", "eval", "fid", "sweep", "ray"):
+        for f in dataclasses.fields(Params.__dataclass_fields__[section].default_factory()):
+            key = f"{section}.{f.name}"
+            covered = section in listed or key in listed
+            assert covered != (f.name in SWEEP_IGNORES.get(section, ())), key
+
+
+def test_trial_recipe_does_not_depend_on_the_ignored_params():
+    base = load_params(REPO / "params.yaml")
+    changed = replace(base, "weighting", strategy="p2")
+    changed = replace(changed, "model", preset="vit-small")
+    changed = replace(changed, "train", steps=7, seed=9, checkpoint_every=3, num_workers=4, use_gpu=True,
+                      cpus_per_worker=1)
+    changed = replace(changed, "eval", every=5, num_samples=11, final_num_samples=13)
+
+    def blank_loop_overridden(p):  # train_loop takes steps, seed, eval_every, num_samples from the overrides
+        p = replace(p, "train", steps=0, seed=0, cpus_per_worker=1)
+        return replace(p, "eval", every=1, num_samples=2, final_num_samples=2)
+
+    for strategy in ("const", "dysigma"):
+        assert trial_overrides(base, 0) == trial_overrides(changed, 0)
+        assert blank_loop_overridden(trial_params(base, strategy)) == blank_loop_overridden(
+            trial_params(changed, strategy))
+
+
+def test_strategy_or_train_length_change_does_not_rerun_the_sweep(repo):
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["weighting"]["strategy"] = "min_snr"
+    params["train"]["steps"] += 8
+    params["eval"]["final_num_samples"] += 10
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        status = json.loads(dvc(repo, "status", "--json").stdout)
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert "train" in status and "sweep" not in status and "report" not in status, status
 
 
 def test_sigkill_during_train_resumes_from_checkpoint(repo):
