@@ -30,8 +30,9 @@ BENCHMARK = "ray"
 def sizes(quick: bool, params) -> dict:
     if quick:
         return {"preset": "vit-tiny", "batch": 8, "examples": 64, "warmup": 2, "steps": 4, "chunk": 2}
+    # 300 steps (~20 s per layout): with 40 the 2-thread bare loop varied by 50% between runs
     return {"preset": params.model.preset, "batch": params.train.batch_size, "examples": 4096,
-            "warmup": 10, "steps": 40, "chunk": 10}
+            "warmup": 20, "steps": 300, "chunk": 50}
 
 
 class CurvePoller(threading.Thread):
