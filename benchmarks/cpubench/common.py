@@ -202,7 +202,7 @@ class BareTrainer:
     """
 
     def __init__(self, params: Params, info: LatentInfo, *, compile_model: bool = False,
-                 fused_adam: bool = False, seed: int = 0):
+                 fused_adam: bool | None = True, seed: int = 0):
         tc = params.train
         torch.manual_seed(seed)
         self.model = build_vit(params.model.preset, in_channels=info.channels, image_size=info.size,
@@ -212,7 +212,7 @@ class BareTrainer:
         self.params_list = list(self.model.parameters())
         self.ema_list = list(self.ema.parameters())
         self.opt = torch.optim.AdamW(self.params_list, lr=tc.lr, betas=tuple(tc.betas),
-                                     weight_decay=tc.weight_decay, fused=fused_adam or None)
+                                     weight_decay=tc.weight_decay, fused=fused_adam)
         self.forward = torch.compile(self.model) if compile_model else self.model
         diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
         self.timesteps = diffusion.timesteps

@@ -35,7 +35,7 @@ def compare(ctx: Context, *, preset: str, batch: int, precision: str, strategy: 
     bare_s, bare_range = median_timing(bare)
     settings = {"preset": preset, "patch_size": params.model.patch_size, "batch": batch,
                 "latent": [info.channels, info.size, info.size], "num_classes": info.num_classes,
-                "weighting": strategy, "target": params.diffusion.target, "optimizer": "AdamW (foreach)",
+                "weighting": strategy, "target": params.diffusion.target, "optimizer": "AdamW(fused=True)",
                 "ema": True, "grad_clip": params.train.grad_clip, **timing_kw, "repeats": ctx.repeats,
                 "statistic": "median over repeats of steady-state images/s"}
     dtype = f"{precision} autocast" if precision != "fp32" else "fp32"
