@@ -17,6 +17,14 @@ Across seeds: the mean, sample std (ddof=1), min and max of the speedups of the 
 that reached their target. A strategy that never reaches the target gets the text
 "not reached", never a number.
 
+Two cases the formula alone would report as ordinary numbers:
+  - the baseline did not improve after its first eval (its first reach of its own final
+    FID is its first eval): there is no convergence to compare, so every strategy's result
+    for that seed is "inconclusive", never a number;
+  - a strategy is already at or below the target at its first eval: the crossing happened
+    at some unmeasured earlier step, so the speedup is only a lower bound ("reached by the
+    first eval"), and summaries print it with ">=".
+
 Pure pandas/numpy; no Ray, no torch: the notebook imports this module directly.
 """
 from __future__ import annotations
@@ -42,6 +50,8 @@ PAPER_SPEEDUPS = {"dysigma": 3.7, "min_snr": 3.4}
 STATUS_REACHED = "reached"
 STATUS_NOT_REACHED = "not reached"
 STATUS_NO_CURVE = "no curve"
+STATUS_FIRST_EVAL = "reached by the first eval"  # the speedup is a lower bound
+STATUS_INCONCLUSIVE = "inconclusive"  # the baseline did not improve after its first eval
 
 
 class SweepResultsError(ValueError):
@@ -122,27 +132,41 @@ def strategy_order(curves: pd.DataFrame, baseline: str = "const") -> list[str]:
     return ([baseline] if baseline in seen else []) + [s for s in seen if s != baseline]
 
 
-def summarize_speedups(speedups: Sequence[float | None]) -> dict:
-    """Mean and spread over the reached seeds (None = not reached), plus a text summary."""
+def summarize_speedups(speedups: Sequence[float | None], *, lower_bounds: int = 0, inconclusive: int = 0) -> dict:
+    """Mean and spread over the reached seeds (None = not reached), plus a text summary.
+
+    `lower_bounds`: how many of the speedups are only lower bounds (the summary then reads
+    ">="); `inconclusive`: how many of the None entries are seeds whose baseline did not
+    improve (they count neither as reached nor as not reached).
+    """
     reached = [float(s) for s in speedups if s is not None]
     n_seeds, n_reached = len(speedups), len(reached)
     stats = {
         "reached": n_reached,
         "n_seeds": n_seeds,
+        "inconclusive": inconclusive,
+        "lower_bounds": lower_bounds,
         "all_reached": n_seeds > 0 and n_reached == n_seeds,
         "mean": None, "std": None, "min": None, "max": None,
     }
-    seeds_text = f"({n_reached}/{n_seeds} seeds)"
+    notes = [f"{n_reached}/{n_seeds} seeds"]
+    if lower_bounds:
+        notes.append(f"{lower_bounds} a lower bound")
+    if inconclusive:
+        notes.append(f"{inconclusive} inconclusive: the baseline did not improve")
+    seeds_text = f"({'; '.join(notes)})"
     if n_reached == 0:
-        stats["summary"] = f"{STATUS_NOT_REACHED} {seeds_text}"
+        head = STATUS_INCONCLUSIVE if inconclusive == n_seeds and n_seeds else STATUS_NOT_REACHED
+        stats["summary"] = f"{head} {seeds_text}"
         return stats
     values = np.asarray(reached)
     stats.update(mean=float(values.mean()), min=float(values.min()), max=float(values.max()))
+    bound = ">= " if lower_bounds else ""
     if n_reached >= 2:
         stats["std"] = float(values.std(ddof=1))
-        stats["summary"] = f"{stats['mean']:.2f}x ± {stats['std']:.2f} {seeds_text}"
+        stats["summary"] = f"{bound}{stats['mean']:.2f}x ± {stats['std']:.2f} {seeds_text}"
     else:  # one seed has no spread to report
-        stats["summary"] = f"{stats['mean']:.2f}x {seeds_text}"
+        stats["summary"] = f"{bound}{stats['mean']:.2f}x {seeds_text}"
     return stats
 
 
@@ -171,7 +195,7 @@ def speedup_table(curves: pd.DataFrame, baseline: str = "const") -> dict:
             f"seeds, or drop the seeds: dvc repro sweep"
         )
 
-    targets, baseline_steps = {}, {}
+    targets, baseline_steps, baseline_improved = {}, {}, {}
     for seed in baseline_seeds:
         steps, fids = runs[(baseline, seed)]
         if len(steps) == 0:
@@ -179,11 +203,13 @@ def speedup_table(curves: pd.DataFrame, baseline: str = "const") -> dict:
         targets[seed] = float(fids[-1])
         # Never None: the last eval reaches its own FID.
         baseline_steps[seed] = steps_to_target(steps, fids, targets[seed])
+        baseline_improved[seed] = bool(baseline_steps[seed] > steps[0])
 
     table = {
         "baseline": baseline,
         "targets": [
-            {"seed": _py(seed), "target_fid": targets[seed], "baseline_steps": baseline_steps[seed]}
+            {"seed": _py(seed), "target_fid": targets[seed], "baseline_steps": baseline_steps[seed],
+             "baseline_improved": baseline_improved[seed]}
             for seed in baseline_seeds
         ],
         "strategies": {},
@@ -198,11 +224,20 @@ def speedup_table(curves: pd.DataFrame, baseline: str = "const") -> dict:
                 entry["status"] = STATUS_NOT_REACHED if reach is None else STATUS_REACHED
                 if reach is not None:
                     entry["steps_to_target"] = reach
-                    entry["speedup"] = baseline_steps[seed] / reach
+                    if not baseline_improved[seed]:
+                        entry["status"] = STATUS_INCONCLUSIVE
+                    else:
+                        entry["speedup"] = baseline_steps[seed] / reach
+                        if reach == steps[0]:
+                            entry["status"] = STATUS_FIRST_EVAL
+            if not baseline_improved[seed]:
+                entry["status"], entry["speedup"] = STATUS_INCONCLUSIVE, None
             per_seed.append(entry)
         table["strategies"][strategy] = {
             "per_seed": per_seed,
-            **summarize_speedups([e["speedup"] for e in per_seed]),
+            **summarize_speedups([e["speedup"] for e in per_seed],
+                                 lower_bounds=sum(e["status"] == STATUS_FIRST_EVAL for e in per_seed),
+                                 inconclusive=sum(e["status"] == STATUS_INCONCLUSIVE for e in per_seed)),
         }
     return table
 
@@ -213,9 +248,15 @@ def paper_comparison(table: dict, strategy: str, claimed: float) -> tuple[bool |
     entry = table["strategies"].get(strategy)
     if entry is None:
         return None, f"not run ({strategy} is not in the sweep)"
+    if entry["inconclusive"]:
+        return None, (f"inconclusive: {entry['summary']}; the baseline's FID did not improve after its first "
+                      f"eval, so there is no convergence to compare; the paper claims {claimed}x")
     if not entry["all_reached"]:
         return False, f"no: {entry['summary']}; the paper claims {claimed}x"
     reproduced = entry["mean"] >= claimed
+    if entry["lower_bounds"] and not reproduced:
+        return None, (f"inconclusive: {entry['summary']} is a lower bound below {claimed}x claimed; "
+                      f"evaluate earlier (smaller sweep.eval_every)")
     relation = ">=" if reproduced else "<"
     return reproduced, f"{'yes' if reproduced else 'no'}: {entry['summary']} {relation} {claimed}x claimed"
 

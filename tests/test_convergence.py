@@ -17,6 +17,7 @@ import pytest
 from pipeline.convergence import (
     SweepResultsError,
     bucket_centres,
+    paper_comparison,
     mean_curves,
     read_sweep,
     speedup_frame,
@@ -207,6 +208,48 @@ def test_non_finite_fid_evals_are_dropped_with_a_warning():
     with pytest.warns(UserWarning, match="'diverged' seed 0: ignoring non-finite FID"):
         table = speedup_table(pd.DataFrame(rows))
     assert table["strategies"]["diverged"]["summary"] == "not reached (0/1 seeds)"
+
+
+def test_baseline_that_never_improves_makes_the_seed_inconclusive():
+    # The shape of a real sweep (eps target, cosine, DDIM, 1200 steps) that learned nothing:
+    # const seed 1 is worst at the end, so its own "first reach" is its first eval; seed 0
+    # ends a hair below its first eval, which the formula would call improvement.
+    steps = [200, 400, 600, 800, 1000, 1200]
+    rows = curve_rows("const", 0, steps, [651.9, 651.9, 732.0, 737.5, 682.3, 651.3]) \
+        + curve_rows("const", 1, steps, [651.3, 693.9, 742.9, 730.8, 714.1, 692.3]) \
+        + curve_rows("dysigma", 0, steps, [627.5, 588.4, 571.4, 667.2, 704.5, 683.5]) \
+        + curve_rows("dysigma", 1, steps, [633.7, 616.4, 638.0, 688.4, 654.3, 626.1])
+    table = speedup_table(pd.DataFrame(rows))
+    assert [t["baseline_improved"] for t in table["targets"]] == [True, False]
+    dysigma = table["strategies"]["dysigma"]
+    seed0, seed1 = dysigma["per_seed"]
+    assert seed0["status"] == "reached by the first eval" and seed0["speedup"] == pytest.approx(6.0)
+    assert seed1["status"] == "inconclusive" and seed1["speedup"] is None
+    assert dysigma["summary"] == ">= 6.00x (1/2 seeds; 1 a lower bound; 1 inconclusive: the baseline did not improve)"
+    assert table["strategies"]["const"]["per_seed"][1]["status"] == "inconclusive"
+    ok, verdict = paper_comparison(table, "dysigma", 3.7)
+    assert ok is None and verdict.startswith("inconclusive")
+
+
+def test_every_seed_inconclusive_reads_inconclusive_not_not_reached():
+    rows = curve_rows("const", 0, [100, 200], [50.0, 60.0]) + curve_rows("x", 0, [100, 200], [70.0, 80.0])
+    x = speedup_table(pd.DataFrame(rows))["strategies"]["x"]
+    assert x["summary"].startswith("inconclusive (0/1 seeds") and x["mean"] is None
+
+
+def test_first_eval_reach_is_a_lower_bound_in_the_paper_verdict():
+    steps = [100, 200, 400, 800]
+    rows = curve_rows("const", 0, steps, [40.0, 30.0, 25.0, 20.0]) \
+        + curve_rows("dysigma", 0, steps, [19.0, 15.0, 12.0, 10.0]) \
+        + curve_rows("min_snr", 0, steps, [45.0, 20.0, 15.0, 12.0])
+    table = speedup_table(pd.DataFrame(rows))
+    ok, verdict = paper_comparison(table, "dysigma", 3.7)  # >= 8x: a bound above the claim still settles it
+    assert ok is True and verdict.startswith("yes: >= 8.00x")
+    ok, verdict = paper_comparison(table, "dysigma", 9.0)  # a bound below the claim settles nothing
+    assert ok is None and "lower bound below 9.0x" in verdict
+    ok, verdict = paper_comparison(table, "min_snr", 3.4)  # reached at step 200 by interpolation: 4x
+    assert ok is True and table["strategies"]["min_snr"]["per_seed"][0]["status"] == "reached"
+    assert paper_comparison(table, "learned", 1.0)[0] is None  # not in the sweep
 
 
 def test_summarize_speedups_counts_none_as_not_reached():
