@@ -77,8 +77,8 @@ def train_autoencoder(model: nn.Module, images_u8: torch.Tensor, *, steps: int, 
     autocast = autocast_context(precision, device)  # validates precision before any compute
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    # channels_last: the convolutions run 1.05x faster on the 2-core Zen 4 CPU
-    # (benchmarks/run_all.py --only precision)
+    # channels_last: the training step runs 1.02-1.05x faster on the 2-core Zen 4 CPU
+    # (benchmarks/run_all.py --only precision, two runs)
     model.to(device, memory_format=torch.channels_last).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
                                   fused=True)

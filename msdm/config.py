@@ -298,14 +298,19 @@ def params_from_dict(raw: Any) -> Params:
     return p
 
 
+def read_yaml(path: Path, *, missing_hint: str, error: type[ConfigError] = ConfigError) -> Any:
+    """`yaml.safe_load` of a file; a missing file or bad YAML raises `error` naming the path."""
+    if not path.is_file():
+        raise error(f"{path}: {missing_hint}")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise error(f"{path}: not valid YAML: {e}") from None
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: params file not found (run from the repository root)")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, missing_hint="params file not found (run from the repository root)")
     return params_from_dict(raw if raw is not None else {})
 
 

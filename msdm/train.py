@@ -231,8 +231,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     torch.manual_seed(seed)  # identical init on every rank
     model = build_model(params, info, preset=preset).to(device)
     ema = EMA(model.backbone, tc.ema_decay)
-    # fused: one kernel per step on CUDA and CPU (benchmarks/run_all.py --only precision: 1.08x
-    # the foreach step on the 2-core Zen 4 machine)
+    # fused on CPU too: 1.01-1.08x the default per-parameter loop on the 2-core Zen 4 machine
+    # (benchmarks/run_all.py --only precision, two runs)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, betas=tuple(tc.betas),
                             weight_decay=tc.weight_decay, fused=True)
     diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)

@@ -224,12 +224,9 @@ def speedup_table(curves: pd.DataFrame, baseline: str = "const") -> dict:
                 entry["status"] = STATUS_NOT_REACHED if reach is None else STATUS_REACHED
                 if reach is not None:
                     entry["steps_to_target"] = reach
-                    if not baseline_improved[seed]:
-                        entry["status"] = STATUS_INCONCLUSIVE
-                    else:
-                        entry["speedup"] = baseline_steps[seed] / reach
-                        if reach == steps[0]:
-                            entry["status"] = STATUS_FIRST_EVAL
+                    entry["speedup"] = baseline_steps[seed] / reach
+                    if reach == steps[0]:
+                        entry["status"] = STATUS_FIRST_EVAL
             if not baseline_improved[seed]:
                 entry["status"], entry["speedup"] = STATUS_INCONCLUSIVE, None
             per_seed.append(entry)

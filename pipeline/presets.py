@@ -25,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from msdm.config import ConfigError, Params, load_params, params_from_dict, to_dict
+from msdm.config import ConfigError, Params, load_params, params_from_dict, read_yaml, to_dict
 
 PRESET_DIR = Path("configs")
 PARAMS = Path("params.yaml")
@@ -41,12 +41,8 @@ class PresetError(ConfigError):
 def load_preset(path: str | Path) -> dict[str, dict[str, Any]]:
     """The preset's {section: {key: value}} mapping, shape-checked (values are checked on merge)."""
     path = Path(path)
-    if not path.is_file():
-        raise PresetError(f"{path}: preset file not found (the presets are {', '.join(available_presets())})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise PresetError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path, error=PresetError,
+                    missing_hint=f"preset file not found (the presets are {', '.join(available_presets())})")
     if not isinstance(raw, dict) or not raw:
         raise PresetError(f"{path}: expected a mapping of params sections (e.g. `train: {{lr: 0.0001}}`)")
     for section, keys in raw.items():

@@ -94,15 +94,21 @@ def ray_params(storage: Path, max_failures: int) -> Params:
     return replace(p, "ray", storage_path=str(storage))
 
 
+def crash_run_paths(marker: Path, tmp_path: Path):
+    """RunPaths of a fresh tiny run, with the crash marker cleared so the fault fires again."""
+    from pipeline.trainer import RunPaths
+
+    marker.unlink(missing_ok=True)
+    store = write_tiny_store(tmp_path / "latents")
+    return RunPaths(latents=str(store), curve=str(tmp_path / "curve.csv"), fid_ref=None)
+
+
 @pytest.mark.slow
 def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_path):
     from pipeline.runs import train_with_ray
-    from pipeline.trainer import RunPaths
 
     marker = ray_cluster
-    marker.unlink(missing_ok=True)
-    store = write_tiny_store(tmp_path / "latents")
-    paths = RunPaths(latents=str(store), curve=str(tmp_path / "curve.csv"), fid_ref=None)
+    paths = crash_run_paths(marker, tmp_path)
     summary = train_with_ray(ray_params(tmp_path / "ray", max_failures=1), paths, name="crash-once",
                              storage_suffix="train")
 
@@ -124,12 +130,9 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tm
 def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoint(ray_cluster, tmp_path):
     from msdm.errors import PipelineError
     from pipeline.runs import TrainingFailedError, train_with_ray
-    from pipeline.trainer import RunPaths
 
     marker = ray_cluster
-    marker.unlink(missing_ok=True)
-    store = write_tiny_store(tmp_path / "latents")
-    paths = RunPaths(latents=str(store), curve=str(tmp_path / "curve.csv"), fid_ref=None)
+    paths = crash_run_paths(marker, tmp_path)
     with pytest.raises(TrainingFailedError) as err:
         train_with_ray(ray_params(tmp_path / "ray", max_failures=0), paths, name="crash-fatal",
                        storage_suffix="train")
