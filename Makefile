@@ -37,8 +37,11 @@ dataset:
 repro: setup
 	$(BIN)/dvc repro
 
+# Two xdist workers per core count: the end-to-end and Ray tests spend much of their time
+# waiting on process start-up, so a second worker runs the unit tests meanwhile. loadfile
+# keeps each file's tests (and its shared tiny repo or Ray cluster) on one worker.
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

@@ -30,7 +30,7 @@ def _f(default: Any, *, choices=None, min=None, max=None, min_exclusive=False, d
 STRATEGIES = ("const", "min_snr", "learned", "dysigma", "dysigma_min_snr", "soft_min_snr", "p2")
 DATASETS = ("fashion_mnist", "cifar10", "celeba", "lsun_bedroom", "lsun_church", "imagenet")
 PRESETS = ("vit-tiny", "vit-small", "vit-b", "vit-l", "vit-xl")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: msdm.precision picks per device
 SAMPLERS = ("ddim", "ddpm")
 EXTRACTORS = ("featurenet", "inception-v3-compat")
 
@@ -59,7 +59,7 @@ class AutoencoderConfig:
     batch_size: int = _f(128, min=1)
     lr: float = _f(2e-3, min=0.0, min_exclusive=True)
     seed: int = _f(0, min=0)
-    precision: str = _f("bf16", choices=PRECISIONS)
+    precision: str = _f("auto", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ class TrainConfig:
     weight_decay: float = _f(0.03, min=0.0)
     ema_decay: float = _f(0.995, min=0.0, max=1.0)
     grad_clip: float = _f(1.0, min=0.0, doc="0 disables clipping")
-    precision: str = _f("bf16", choices=PRECISIONS)
+    precision: str = _f("auto", choices=PRECISIONS, doc="also the sweep's and evaluation's sampling")
     num_workers: int = _f(1, min=1, max=4096)
     use_gpu: bool = _f(False)
     cpus_per_worker: int = _f(2, min=1, max=512)
@@ -141,6 +141,7 @@ class FeatureNetConfig:
     lr: float = _f(2e-3, min=0.0, min_exclusive=True)
     feature_dim: int = _f(128, min=2, max=4096)
     seed: int = _f(0, min=0)
+    precision: str = _f("auto", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -276,7 +277,7 @@ def _cross_checks(p: Params) -> None:
     need(p.train.batch_size % p.train.num_workers == 0,
          f"train.batch_size: {p.train.batch_size} is not divisible by train.num_workers {p.train.num_workers}")
     need(p.train.precision != "fp16" or p.train.use_gpu,
-         "train.precision: 'fp16' needs train.use_gpu: true (use 'bf16' or 'fp32' on CPU)")
+         "train.precision: 'fp16' needs train.use_gpu: true (use 'auto', 'bf16' or 'fp32' on CPU)")
     need(p.eval.sampling_steps <= p.diffusion.timesteps,
          f"eval.sampling_steps: {p.eval.sampling_steps} exceeds diffusion.timesteps {p.diffusion.timesteps}")
     need(len(p.sweep.strategies) >= 1, "sweep.strategies: expected at least one strategy")

@@ -25,6 +25,7 @@ Fashion-MNIST and CIFAR-10 are small enough to hold in memory as uint8 arrays
 from __future__ import annotations
 
 import codecs
+import functools
 import gzip
 import hashlib
 import os
@@ -39,10 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
-from torchvision.datasets import CIFAR10, LSUN, CelebA, FashionMNIST, ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
-from torchvision.datasets.utils import calculate_md5, download_url
 from tqdm import tqdm
 
 from msdm.config import DATASETS, ConfigError, DataConfig
@@ -61,15 +58,12 @@ class DatasetError(RuntimeError):
 
 
 SPLITS = ("train", "test")
-CLASS_NAMES: tuple[str, ...] = tuple(FashionMNIST.classes)  # Fashion-MNIST labels 0..9
 
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_FIX = "apt-get install -y dataset-fashion-mnist"
 RERUN_FIX = "dvc repro -f download (or: python -m stages.download)"
 DELETE_AND_RERUN = f"delete it and rerun {RERUN_FIX}"
 
-# Published checksums of the .gz files, taken from torchvision so there is one source for them.
-FASHION_MNIST_MD5: dict[str, str] = dict(FashionMNIST.resources)
 # MD5 of what those .gz files decompress to. Debian's package holds the same compressed
 # stream, but its build (strip-nondeterminism) rewrote the gzip header (mtime, file name),
 # so its .gz bytes no longer match the published MD5; the content still must match these.
@@ -83,16 +77,36 @@ FASHION_MNIST_FILES = {  # split -> (images, labels)
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-CIFAR10_MD5: dict[str, str] = {
-    **{name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list},
-    CIFAR10.meta["filename"]: CIFAR10.meta["md5"],
-}
-CIFAR10_FILES = {
-    "train": tuple(name for name, _ in CIFAR10.train_list),
-    "test": tuple(name for name, _ in CIFAR10.test_list),
-}
-# The images' zip may be deleted after extraction; the annotation files are needed.
-CELEBA_MD5: dict[str, str] = {name: md5 for _, md5, name in CelebA.file_list if not name.endswith(".zip")}
+
+
+# torchvision is imported on first use, not with this module: importing it costs about 1.5 s
+# (its models pull in torch._dynamo), paid by every stage process and Ray worker otherwise.
+# The tables below come from torchvision's dataset classes so there is one source for them.
+@functools.cache
+def _tables() -> dict:
+    from torchvision.datasets import CIFAR10, CelebA, FashionMNIST
+
+    return {
+        "CLASS_NAMES": tuple(FashionMNIST.classes),  # Fashion-MNIST labels 0..9
+        # published checksums of the .gz files
+        "FASHION_MNIST_MD5": dict(FashionMNIST.resources),
+        "CIFAR10_MD5": {**{name: md5 for name, md5 in CIFAR10.train_list + CIFAR10.test_list},
+                        CIFAR10.meta["filename"]: CIFAR10.meta["md5"]},
+        "CIFAR10_FILES": {"train": tuple(name for name, _ in CIFAR10.train_list),
+                          "test": tuple(name for name, _ in CIFAR10.test_list)},
+        # the images' zip may be deleted after extraction; the annotation files are needed
+        "CELEBA_MD5": {name: md5 for _, md5, name in CelebA.file_list if not name.endswith(".zip")},
+    }
+
+
+_LAZY_TABLES = ("CLASS_NAMES", "FASHION_MNIST_MD5", "CIFAR10_MD5", "CIFAR10_FILES", "CELEBA_MD5")
+
+
+def __getattr__(name: str):
+    """CLASS_NAMES, FASHION_MNIST_MD5, CIFAR10_MD5, CIFAR10_FILES, CELEBA_MD5 (lazy, see above)."""
+    if name in _LAZY_TABLES:  # checked first: the import system probes names such as __path__
+        return _tables()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 LSUN_CATEGORY = {"lsun_bedroom": "bedroom", "lsun_church": "church_outdoor"}
 NUM_CLASSES = {"fashion_mnist": 10, "cifar10": 10, "celeba": 1,
@@ -137,13 +151,20 @@ def from_uint8(x: torch.Tensor) -> torch.Tensor:
 def dataset_dir(cfg: DataConfig) -> Path:
     """The directory holding `cfg.dataset`'s files (see the module docstring)."""
     root = Path(cfg.root)
-    sub = {"fashion_mnist": "FashionMNIST/raw", "cifar10": CIFAR10.base_folder,
-           "celeba": CelebA.base_folder}.get(_check_dataset(cfg.dataset), cfg.dataset)
+    if _check_dataset(cfg.dataset) == "fashion_mnist":
+        return root / "FashionMNIST/raw"
+    from torchvision.datasets import CIFAR10, CelebA
+
+    sub = {"cifar10": CIFAR10.base_folder, "celeba": CelebA.base_folder}.get(cfg.dataset, cfg.dataset)
     return root / sub
 
 
 def file_md5(path: str | Path) -> str:
-    return calculate_md5(path)
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def gunzipped_md5(path: str | Path) -> str:
@@ -194,6 +215,8 @@ def _copy_atomically(src: Path, dest: Path) -> None:
 
 def _iter_images(directory: Path) -> Iterator[Path]:
     """Image files under `directory`, any nesting, in a stable (sorted) order."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
     for dirpath, dirnames, filenames in os.walk(directory):
         dirnames.sort()
         for name in sorted(filenames):
@@ -226,7 +249,7 @@ def prepare(cfg: DataConfig, *, system_dir: str | Path = SYSTEM_FASHION_MNIST_DI
 
 
 def _prepare_fashion_mnist(cfg: DataConfig, raw_dir: Path, system_dir: Path) -> Path:
-    for name, md5 in FASHION_MNIST_MD5.items():
+    for name, md5 in _tables()["FASHION_MNIST_MD5"].items():
         dest = raw_dir / name
         if dest.is_file():
             continue  # verified below, with all the others
@@ -244,11 +267,14 @@ def _prepare_fashion_mnist(cfg: DataConfig, raw_dir: Path, system_dir: Path) -> 
                 f"and data.download is false. Fix: {APT_FIX} (installs the files under {system_dir}), "
                 f"or set data.download: true, or set data.root to a folder holding FashionMNIST/raw/{name}"
             )
-    verify_checksums(raw_dir, FASHION_MNIST_MD5, content_md5=FASHION_MNIST_CONTENT_MD5)
+    verify_checksums(raw_dir, _tables()["FASHION_MNIST_MD5"], content_md5=FASHION_MNIST_CONTENT_MD5)
     return raw_dir
 
 
 def _download_fashion_mnist_file(name: str, md5: str, raw_dir: Path) -> None:
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import download_url
+
     raw_dir.mkdir(parents=True, exist_ok=True)
     errors = []
     for mirror in FashionMNIST.mirrors:
@@ -268,7 +294,9 @@ def _download_fashion_mnist_file(name: str, md5: str, raw_dir: Path) -> None:
 
 
 def _prepare_cifar10(cfg: DataConfig, batch_dir: Path) -> Path:
-    missing = [name for name in CIFAR10_MD5 if not (batch_dir / name).is_file()]
+    from torchvision.datasets import CIFAR10
+
+    missing = [name for name in _tables()["CIFAR10_MD5"] if not (batch_dir / name).is_file()]
     if missing:
         if not cfg.download:
             raise DatasetError(
@@ -283,17 +311,19 @@ def _prepare_cifar10(cfg: DataConfig, batch_dir: Path) -> Path:
                                f"Fix: check the network, or extract cifar-10-python.tar.gz into {cfg.root}") from e
         archive = Path(cfg.root) / CIFAR10.filename
         archive.unlink(missing_ok=True)  # the extracted batches are all we read; keep the DVC out small
-    verify_checksums(batch_dir, CIFAR10_MD5)
+    verify_checksums(batch_dir, _tables()["CIFAR10_MD5"])
     return batch_dir
 
 
 def _prepare_celeba(cfg: DataConfig, celeba_dir: Path) -> Path:
+    from torchvision.datasets import CelebA
+
     image_dir = celeba_dir / "img_align_celeba"
-    complete = all((celeba_dir / n).is_file() for n in CELEBA_MD5) and _has_images(image_dir)
+    complete = all((celeba_dir / n).is_file() for n in _tables()["CELEBA_MD5"]) and _has_images(image_dir)
     if not complete:
         if not cfg.download:
             raise DatasetError(
-                f"{celeba_dir}: CelebA not found (need img_align_celeba/ and {', '.join(CELEBA_MD5)}) "
+                f"{celeba_dir}: CelebA not found (need img_align_celeba/ and {', '.join(_tables()['CELEBA_MD5'])}) "
                 f"and data.download is false. Fix: set data.download: true, or unpack the aligned "
                 f"CelebA files from https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html into {celeba_dir}"
             )
@@ -305,7 +335,7 @@ def _prepare_celeba(cfg: DataConfig, celeba_dir: Path) -> Path:
                 f"refuses it (quota) and it needs `pip install gdown`. Fix: download img_align_celeba.zip "
                 f"and the annotation files by hand into {celeba_dir} and unzip the images there"
             ) from e
-    verify_checksums(celeba_dir, CELEBA_MD5)
+    verify_checksums(celeba_dir, _tables()["CELEBA_MD5"])
     if not _has_images(image_dir):
         raise DatasetError(f"{image_dir}: no images. Fix: unzip img_align_celeba.zip in {celeba_dir}")
     return celeba_dir
@@ -399,7 +429,7 @@ def read_fashion_mnist(raw_dir: str | Path, split: str) -> tuple[np.ndarray, np.
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise DatasetError(f"{raw_dir}: {images_name} has shape {images.shape} and {labels_name} has shape "
                            f"{labels.shape}; expected [N, H, W] images and [N] labels. Fix: {RERUN_FIX}")
-    if labels.size and labels.max() >= len(CLASS_NAMES):
+    if labels.size and labels.max() >= len(_tables()["CLASS_NAMES"]):
         raise DatasetError(f"{Path(raw_dir) / labels_name}: label {labels.max()} is out of range 0..9")
     return images, labels.astype(np.int64)
 
@@ -444,7 +474,8 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar10(batch_dir: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Unverified read of one split: uint8 images [N, 3, 32, 32] and int64 labels [N]."""
-    parts = [_read_cifar_batch(Path(batch_dir) / name) for name in CIFAR10_FILES[_check_split(split)]]
+    names = _tables()["CIFAR10_FILES"][_check_split(split)]
+    parts = [_read_cifar_batch(Path(batch_dir) / name) for name in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -493,6 +524,8 @@ class ImageFilesDataset(Dataset):
     """Every image under a folder (any nesting, sorted), one label for all of them."""
 
     def __init__(self, directory: str | Path, transform: Callable, label: int = 0):
+        from torchvision.datasets.folder import IMG_EXTENSIONS
+
         self.directory = Path(directory)
         self.paths = list(_iter_images(self.directory))
         if not self.paths:
@@ -504,6 +537,8 @@ class ImageFilesDataset(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        from torchvision.datasets.folder import default_loader
+
         return self.transform(default_loader(str(self.paths[i]))), self.label
 
 
@@ -520,19 +555,26 @@ class _Unconditional(Dataset):
         return self.base[i][0], 0
 
 
-_TO_MINUS_ONE_ONE = [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
+def _to_minus_one_one() -> list:
+    from torchvision import transforms
+
+    return [transforms.ToTensor(), transforms.Normalize([0.5] * 3, [0.5] * 3)]
 
 
 def celeba_transform(size: int) -> Callable:
+    from torchvision import transforms
+
     return transforms.Compose([transforms.CenterCrop(CELEBA_CROP), transforms.Resize(size, antialias=True),
-                               *_TO_MINUS_ONE_ONE])
+                               *_to_minus_one_one()])
 
 
 def center_crop_transform(size: int) -> Callable:
     """ADM-style preprocessing: resize the short side to `size` (bicubic, antialiased), center-crop."""
+    from torchvision import transforms
+
     return transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC, antialias=True),
-        transforms.CenterCrop(size), *_TO_MINUS_ONE_ONE,
+        transforms.CenterCrop(size), *_to_minus_one_one(),
     ])
 
 
@@ -569,6 +611,8 @@ def _decode_all(dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor
 
 def load_split(cfg: DataConfig, split: str) -> Dataset:
     """Dataset of (float32 image [C, S, S] in [-1, 1], int label); 'test' is the val split where needed."""
+    from torchvision.datasets import CelebA, ImageFolder
+
     _check_split(split)
     name = _check_dataset(cfg.dataset)
     size = cfg.image_size
@@ -593,6 +637,8 @@ def _load_lsun(cfg: DataConfig, split: str) -> Dataset:
     Without split subfolders, both splits are the whole folder: generative FID on LSUN is
     measured against the training images.
     """
+    from torchvision.datasets import LSUN
+
     lsun_dir = dataset_dir(cfg)
     transform = center_crop_transform(cfg.image_size)
     lmdb_dir = _lsun_lmdb_dir(cfg, split)
@@ -653,7 +699,8 @@ def build_manifest(cfg: DataConfig, directory: str | Path) -> dict:
     """What `prepare()` made available: files (bytes, md5), or an image listing, and split sizes."""
     directory = Path(directory)
     name = _check_dataset(cfg.dataset)
-    md5_tables = {"fashion_mnist": FASHION_MNIST_MD5, "cifar10": CIFAR10_MD5, "celeba": CELEBA_MD5}
+    md5_tables = {"fashion_mnist": _tables()["FASHION_MNIST_MD5"], "cifar10": _tables()["CIFAR10_MD5"],
+                  "celeba": _tables()["CELEBA_MD5"]}
     manifest: dict = {
         "dataset": name,
         "root": str(cfg.root),

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from .config import Params
 from .diffusion import GaussianDiffusion
+from .precision import resolve_precision
 from .sampling import Denoiser, sample
 from .weighting import strategy_learns_variance
 
@@ -35,16 +36,15 @@ class SampleGenerator:
         self.codec = load_codec(params.autoencoder, decoder_path).to(self.device)
         self.diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
         self.learn_sigma = strategy_learns_variance(params.weighting.strategy)
+        self.precision = resolve_precision(params.train.precision, self.device, key="train.precision")
 
     @torch.inference_mode()
     def latents(self, model: nn.Module, n: int, *, seed: int, labels: Tensor | None = None) -> Tensor:
         ev = self.params.eval
-        from .train import autocast_for
-
         denoiser = Denoiser(model, self.diffusion, self.params.diffusion.target, learn_sigma=self.learn_sigma,
                             cfg_scale=ev.cfg_scale,
                             null_class=self.info.num_classes if self.info.num_classes > 0 else None,
-                            autocast=autocast_for(self.params.train.precision, self.device))
+                            autocast=None if self.precision.name == "fp32" else self.precision.autocast(self.device))
         if labels is None:
             labels = balanced_labels(n, self.info.num_classes, self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)

@@ -6,7 +6,6 @@ and hands back the checkpoint to resume from.
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
@@ -24,6 +23,7 @@ from .diffusion import GaussianDiffusion
 from .diffusion_loss import DiffusionLoss
 from .io import atomic_torch_save, safe_torch_load
 from .models.vit import build_vit
+from .precision import Precision, resolve_precision
 from .weighting import WeightLog, build_strategy
 
 CHECKPOINT_FILE = "state.pt"
@@ -66,13 +66,6 @@ def build_model(params: Params, info: LatentInfo, *, preset: str | None = None) 
                          patch_size=params.model.patch_size, num_classes=info.num_classes,
                          learn_sigma=strategy.learns_variance)
     return DiffusionModel(backbone, strategy)
-
-
-def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager | None:
-    if precision == "fp32":
-        return None
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 class EMA:
@@ -144,6 +137,7 @@ class TrainResult:
     curve: list[dict] = field(default_factory=list)
     images_per_second: float = float("nan")
     seconds: float = 0.0
+    precision: Precision | None = None
 
 
 class CurveWriter:
@@ -239,10 +233,11 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     null_class = info.num_classes if info.num_classes > 0 else None
     loss_fn = DiffusionLoss(diffusion, model.strategy, target=params.diffusion.target, subspaces=info.subspaces,
                             label_dropout=params.model.label_dropout, null_class=null_class)
-    autocast = autocast_for(tc.precision, device)
-    scaler = torch.amp.GradScaler(device.type) if tc.precision == "fp16" else None
+    # resolved on the worker: it, not the machine that read params.yaml, has the device
+    precision = resolve_precision(tc.precision, device, key="train.precision")
+    autocast = None if precision.name == "fp32" else precision.autocast(device)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     gen = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
-    data_gen = torch.Generator().manual_seed(seed)
 
     step, epoch, pos = 0, 0, 0
     curve = CurveWriter(curve_path if rank == 0 else None)
@@ -282,7 +277,6 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     skips = 0
     t_start = time.perf_counter()
     start_step = step
-    del data_gen
 
     def checkpoint_state() -> dict:
         rng = [gen.get_state().cpu()]
@@ -319,7 +313,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     def save_and_report() -> None:
         state = checkpoint_state()
         # resumed_from_step shows a host (and its tests) where this attempt picked the run up
-        metrics = {"step": step, "resumed_from_step": start_step,
+        metrics = {"step": step, "resumed_from_step": start_step, **precision.as_metrics(),
+                   "torch_threads": torch.get_num_threads(),
                    "loss": curve.rows[-1]["loss"] if curve.rows else float("nan")}
         if curve.rows and "fid" in curve.rows[-1]:
             metrics["fid"] = curve.rows[-1]["fid"]
@@ -398,4 +393,4 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         save_and_report()
     seconds = time.perf_counter() - t_start
     ips = (step - start_step) * tc.batch_size / seconds if step > start_step else float("nan")
-    return TrainResult(step=step, curve=curve.rows, images_per_second=ips, seconds=seconds)
+    return TrainResult(step=step, curve=curve.rows, images_per_second=ips, seconds=seconds, precision=precision)

@@ -43,6 +43,22 @@ def init_ray(cfg: RayConfig):
     return ray
 
 
+def assigned_cpu_threads() -> int:
+    """Intra-op threads for this Ray task or actor: the CPUs Ray assigned to it.
+
+    Outside Ray (or with no CPU assigned) it is the CPUs this process may run on. Torch's
+    own default counts the machine's cores, which oversubscribes when Ray packs several
+    workers or trials onto one node.
+    """
+    import ray
+
+    if ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
+        if cpus >= 1:
+            return int(cpus)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def shutdown_ray() -> None:
     import ray
 

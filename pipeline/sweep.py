@@ -84,7 +84,9 @@ def _trial(config: dict) -> None:
 
     if config["strategy"] in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):
         raise RuntimeError(f"injected failure in trial {config['strategy']} (MSDM_INJECT_TRIAL_ERROR)")
-    torch.set_num_threads(int(config["threads"]))
+    from .cluster import assigned_cpu_threads
+
+    torch.set_num_threads(assigned_cpu_threads())
     base = params_from_dict(config["params"])
     params = trial_params(base, config["strategy"])
     out = trial_dir(Path(config["out_dir"]), config["strategy"], config["seed"])
@@ -117,8 +119,7 @@ def run_sweep(params: Params, paths: RunPaths, out_dir: Path, latents_dir: Path)
         storage = str(Path(storage).resolve())
     trainable = tune.with_resources(_trial, {"cpu": s.cpus_per_trial})
     space = {"strategy": tune.grid_search(list(s.strategies)), "seed": tune.grid_search(list(s.seeds)),
-             "params": to_dict(params), "paths": paths.resolved().__dict__, "out_dir": str(out_dir),
-             "threads": s.cpus_per_trial}
+             "params": to_dict(params), "paths": paths.resolved().__dict__, "out_dir": str(out_dir)}
     experiment = f"{storage}/{name}"
     start = time.perf_counter()
     if tune.Tuner.can_restore(experiment):
@@ -151,11 +152,12 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         curve.insert(0, "strategy", strategy)
         frames.append(curve)
         last = curve.iloc[-1]
+        reported = result.metrics or {}
         rows.append({"strategy": strategy, "seed": seed, "status": "ok",
                      "final_fid": float(last["fid"]), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
-                     "seconds": round(float((result.metrics or {}).get("time_total_s", float("nan"))), 1),
-                     "error": ""})
+                     "seconds": round(float(reported.get("time_total_s", float("nan"))), 1),
+                     "precision": reported.get("precision", ""), "error": ""})
     curves = pd.concat(frames, ignore_index=True).sort_values(["strategy", "seed", "step"])
     outputs = SweepOutputs(curves=out_dir / "curves.csv", trials=out_dir / "trials.csv")
     with atomic_path(outputs.curves) as tmp:

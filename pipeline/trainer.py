@@ -86,7 +86,6 @@ def run_worker(params: Params, paths: RunPaths, overrides: RunOverrides, hooks: 
     from msdm.latents import LatentStore
     from msdm.train import latent_info, train_loop
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     store = LatentStore(paths.latents)
     latents, labels = store.load("train", normalized=True)
     info = latent_info(store.meta)
@@ -105,6 +104,9 @@ def run_worker(params: Params, paths: RunPaths, overrides: RunOverrides, hooks: 
 
 def _train_fn(config: dict) -> None:
     """Ray Train's per-worker entry point."""
+    from .cluster import assigned_cpu_threads
+
+    torch.set_num_threads(assigned_cpu_threads())  # train.cpus_per_worker, as Ray assigned them
     params = params_from_dict(config["params"])
     hooks = RayTrainHooks()
     tracking = config.get("tracking", {})

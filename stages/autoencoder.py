@@ -80,9 +80,10 @@ def body(params: Params, args) -> None:
     from torchvision.utils import save_image
 
     from msdm import data
-    from msdm.ae_train import autocast_context, reconstruct, reconstruction_metrics, train_autoencoder
+    from msdm.ae_train import reconstruct, reconstruction_metrics, train_autoencoder
     from msdm.losses import ReconstructionLoss
     from msdm.multispace import build_autoencoder, count_parameters, save_autoencoder
+    from msdm.precision import resolve_precision
 
     cfg = params.autoencoder
     if cfg.kind == "sd-vae":
@@ -92,7 +93,7 @@ def body(params: Params, args) -> None:
     try:
         model = build_autoencoder(cfg, in_channels=data.image_channels(params.data))
         loss_fn = ReconstructionLoss.from_config(cfg)
-        autocast_context(cfg.precision, device)
+        precision = resolve_precision(cfg.precision, device, key="autoencoder.precision")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     try:
@@ -103,12 +104,13 @@ def body(params: Params, args) -> None:
 
     try:
         result = train_autoencoder(model, train_images, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                   loss_fn=loss_fn, precision=cfg.precision, seed=cfg.seed, device=device)
+                                   loss_fn=loss_fn, precision=precision, seed=cfg.seed, device=device)
     except FloatingPointError as e:
         raise PipelineError(f"autoencoder training diverged: {e}") from None
     metrics = reconstruction_metrics(model, test_images, device=device)
     metrics.update(train_seconds=round(result.train_seconds, 1), params=count_parameters(model),
-                   steps=cfg.steps, final_train_loss=result.final_loss, device=device)
+                   steps=cfg.steps, final_train_loss=result.final_loss, device=device,
+                   **precision.as_metrics())
 
     save_autoencoder(model, MODEL_OUT)
     atomic_write_json(metrics, METRICS)
@@ -118,6 +120,7 @@ def body(params: Params, args) -> None:
         save_image((grid + 1) / 2, tmp, nrow=len(shown), padding=2, format="png")
     print(f"autoencoder: test ssim {metrics['ssim']:.4f}, psnr {metrics['psnr']:.2f} dB, l1 {metrics['l1']:.4f}; "
           f"{metrics['params']} params, trained {cfg.steps} steps in {result.train_seconds:.0f}s on {device} "
+          f"({precision.name}: {precision.reason}) "
           f"-> {MODEL_OUT}, {METRICS}, {PLOT}")
 
 

@@ -54,7 +54,7 @@ def body(params: Params, args) -> None:
         "fid": final["fid"], "metric": final["metric"], "extractor": params.fid.extractor,
         "fid_untrained": baseline["fid"], "num_samples": n, "sampler": params.eval.sampler,
         "sampling_steps": params.eval.sampling_steps, "eta": params.eval.eta, "cfg_scale": params.eval.cfg_scale,
-        "step": int(state["step"]), "strategy": params.weighting.strategy,
+        "step": int(state["step"]), "strategy": params.weighting.strategy, **gen.precision.as_metrics(),
     }
     atomic_write_json(metrics, METRICS)
 

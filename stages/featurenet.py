@@ -23,6 +23,7 @@ METRICS_OUT = Path("metrics/featurenet.json")
 def body(params: Params, args) -> None:
     from msdm.data import load_arrays, num_classes
     from msdm.models.featurenet import evaluate_accuracy, save_featurenet, train_featurenet
+    from msdm.precision import resolve_precision
 
     cfg = params.featurenet
     if params.fid.extractor != "featurenet":
@@ -38,18 +39,21 @@ def body(params: Params, args) -> None:
     if classes < 2:
         raise ConfigError(f"data.dataset: {params.data.dataset!r} has no class labels, so no classifier can be "
                           f"trained for fid_featurenet. Fix: set fid.extractor: inception-v3-compat")
+    precision = resolve_precision(cfg.precision, "cpu", key="featurenet.precision")
     train_images, train_labels = load_arrays(params.data, "train")
     test_images, test_labels = load_arrays(params.data, "test")
     start = time.perf_counter()
     model = train_featurenet(train_images, train_labels, cfg.steps, cfg.batch_size, cfg.lr, cfg.seed,
-                             cfg.feature_dim, num_classes=classes)
+                             cfg.feature_dim, num_classes=classes, precision=precision)
     train_seconds = time.perf_counter() - start
     accuracy = evaluate_accuracy(model, test_images, test_labels)
     save_featurenet(model, MODEL_OUT)
     atomic_write_json({"test_accuracy": round(accuracy, 5), "train_seconds": round(train_seconds, 1),
-                       "steps": cfg.steps, "num_train": len(train_images), "num_test": len(test_images)},
+                       "steps": cfg.steps, "num_train": len(train_images), "num_test": len(test_images),
+                       **precision.as_metrics()},
                       METRICS_OUT)
-    print(f"featurenet: test accuracy {accuracy:.4f} after {cfg.steps} steps ({train_seconds:.0f}s) -> {MODEL_OUT}")
+    print(f"featurenet: test accuracy {accuracy:.4f} after {cfg.steps} steps ({train_seconds:.0f}s, "
+          f"{precision.name}: {precision.reason}) -> {MODEL_OUT}")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import yaml
@@ -26,13 +28,42 @@ TINY_PARAMS = {
 }
 
 
+# Every process a stage starts here (dvc, the stage, its Ray daemons and workers) inherits this
+# variable, so a test can kill exactly those after a SIGKILL without touching a Ray cluster that
+# another test (e.g. in a parallel pytest-xdist worker) runs at the same time.
+RUN_MARKER = ("MSDM_E2E_RUN", uuid.uuid4().hex)
+
+
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e.update(DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
              PYTHONDONTWRITEBYTECODE="1")
+    e[RUN_MARKER[0]] = RUN_MARKER[1]
     e.pop("RAY_ADDRESS", None)
     return e
+
+
+def marked_processes() -> list[int]:
+    """PIDs of live processes started under `env()` (found by their environment)."""
+    needle = f"{RUN_MARKER[0]}={RUN_MARKER[1]}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if needle in (entry / "environ").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return pids
+
+
+def kill_marked_processes() -> None:
+    for pid in marked_processes():
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def copy_repo(dest: Path, overrides: dict | None = None) -> Path:

@@ -197,12 +197,16 @@ def test_failed_download_is_a_dataset_error_and_uses_published_md5(tmp_path, mon
         calls.append((url, filename, md5))
         raise OSError("network is unreachable")
 
-    monkeypatch.setattr(data, "download_url", offline_download_url)
+    import torchvision.datasets.utils
+
+    monkeypatch.setattr(torchvision.datasets.utils, "download_url", offline_download_url)
     cfg = DataConfig(root=str(tmp_path), download=True)
     with pytest.raises(DatasetError, match="could not download Fashion-MNIST file train-images-idx3-ubyte.gz"):
         data.prepare(cfg, system_dir=tmp_path / "no-such-dir")
     assert calls and all(md5 == data.FASHION_MNIST_MD5["train-images-idx3-ubyte.gz"] for _, _, md5 in calls)
-    assert calls[0][0] == data.FashionMNIST.mirrors[0] + "train-images-idx3-ubyte.gz"
+    from torchvision.datasets import FashionMNIST
+
+    assert calls[0][0] == FashionMNIST.mirrors[0] + "train-images-idx3-ubyte.gz"
     raw = tmp_path / "FashionMNIST" / "raw"
     assert [p.name for p in raw.iterdir()] == []  # no half-downloaded file left behind
 

@@ -65,9 +65,9 @@ CRASH_STEP, CRASH_RANK = 6, 1  # after the step-4 checkpoint, before the step-8 
 SECRET = "wandb-key-" + os.urandom(12).hex()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # session: started once per pytest(-xdist) worker, however tests are ordered
 def ray_cluster(tmp_path_factory):
-    """One local 2-CPU Ray cluster for this module, with the crash hook in the workers' environment.
+    """One local 2-CPU Ray cluster for the tests that use it, with the crash hook in the workers' environment.
 
     Workers inherit the environment of the raylet, which copies this process's at
     `ray.init`: the variables are set just for the start, so later tests here do not see them.
@@ -103,7 +103,11 @@ def crash_run_paths(marker: Path, tmp_path: Path):
     return RunPaths(latents=str(store), curve=str(tmp_path / "curve.csv"), fid_ref=None)
 
 
+RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this module's cluster run on one worker
+
+
 @pytest.mark.slow
+@RAY_GROUP
 def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_path):
     from pipeline.runs import train_with_ray
 
@@ -116,6 +120,8 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tm
     # the restarted worker group picked the run up at the step-4 checkpoint, not at 0
     assert summary.metrics["resumed_from_step"] == 4
     assert summary.metrics["step"] == 8 and summary.metrics["loss"] > 0  # the final report, from rank 0
+    # intra-op threads follow the CPUs Ray assigned (train.cpus_per_worker: 1), not the machine's cores
+    assert summary.metrics["torch_threads"] == 1
     state = safe_torch_load(summary.checkpoint_dir / CHECKPOINT_FILE)
     assert state["step"] == 8 and len(state["rng"]) == 2
     assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
@@ -127,6 +133,7 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tm
 
 
 @pytest.mark.slow
+@RAY_GROUP
 def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoint(ray_cluster, tmp_path):
     from msdm.errors import PipelineError
     from pipeline.runs import TrainingFailedError, train_with_ray
@@ -149,6 +156,7 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
 
 
 @pytest.mark.slow
+@RAY_GROUP
 def test_ray_dashboard_listens_on_loopback_only(ray_cluster):
     """The dashboard serves Ray's job-submission API (code execution): never on a public address."""
     import psutil

@@ -22,7 +22,8 @@ from torch import Tensor
 from msdm.config import Params, replace
 from msdm.diffusion import GaussianDiffusion
 from msdm.models.vit import build_vit
-from msdm.train import LatentInfo, TrainHooks, autocast_for, train_loop
+from msdm.precision import resolve_precision
+from msdm.train import LatentInfo, TrainHooks, train_loop
 
 from .machine import Machine
 
@@ -74,7 +75,16 @@ def latent_info(params: Params) -> LatentInfo:
                       subspaces=ae.subspaces, num_classes=10)
 
 
-def bench_params(params: Params, *, preset: str, batch: int, precision: str = "bf16",
+def auto_precision() -> str:
+    """What `precision: auto` runs on this CPU (bf16 only with avx512_bf16 or amx_bf16)."""
+    return resolve_precision("auto", "cpu").name
+
+
+def dtype_label(precision: str) -> str:
+    return "fp32" if precision == "fp32" else f"{precision} autocast"
+
+
+def bench_params(params: Params, *, preset: str, batch: int, precision: str = "auto",
                  strategy: str = "const", **train: Any) -> Params:
     p = replace(params, "model", preset=preset)
     p = replace(p, "weighting", strategy=strategy)
@@ -197,7 +207,7 @@ class BareTrainer:
     """The same training step written as a plain PyTorch loop: the baseline for overhead.
 
     Same ViT (build_vit), same x0-target MSE with const weighting, same label dropout,
-    AdamW with the same hyper-parameters, bf16 autocast, gradient clipping and an EMA by
+    AdamW with the same hyper-parameters, the same precision, gradient clipping and an EMA by
     `torch._foreach_lerp_`; no DiffusionLoss, strategy, weight log, NaN policy or hooks.
     """
 
@@ -218,7 +228,8 @@ class BareTrainer:
         self.timesteps = diffusion.timesteps
         self.sqrt_ab = diffusion.sqrt_alphas_cumprod.float()
         self.sqrt_1m_ab = diffusion.sqrt_one_minus_alphas_cumprod.float()
-        self.autocast = autocast_for(tc.precision, torch.device("cpu"))
+        precision = resolve_precision(tc.precision, "cpu", key="train.precision")
+        self.autocast = None if precision.name == "fp32" else precision.autocast("cpu")
         self.ema_decay, self.grad_clip = tc.ema_decay, tc.grad_clip
         self.label_dropout, self.null_class = params.model.label_dropout, info.num_classes
 

@@ -19,7 +19,7 @@ import torch
 from msdm.data import from_uint8, image_channels
 from msdm.multispace import build_autoencoder, count_parameters
 
-from .common import (BareTrainer, Context, EpochBatches, Figure, bench_params, interleaved, latent_info,
+from .common import (auto_precision, dtype_label, BareTrainer, Context, EpochBatches, Figure, bench_params, interleaved, latent_info,
                      time_steps)
 
 BENCHMARK = "encode"
@@ -35,7 +35,7 @@ def sizes(quick: bool, params) -> dict:
 
 def run(ctx: Context) -> list[Figure]:
     size = sizes(ctx.quick, ctx.params)
-    params = bench_params(ctx.params, preset=size["preset"], batch=size["batch"], precision="bf16", strategy="const")
+    params = bench_params(ctx.params, preset=size["preset"], batch=size["batch"], precision=auto_precision(), strategy="const")
     info = latent_info(params)
     n, batch, s = max(size["examples"], size["batch"]), size["batch"], params.data.image_size
     g = torch.Generator().manual_seed(0)
@@ -82,10 +82,10 @@ def run(ctx: Context) -> list[Figure]:
                                 ("subspaces", "channels", "downsample", "widths", "attn_heads")},
                 "step": "bare training step (common.BareTrainer)", **timing_kw, "repeats": ctx.repeats}
     figures = [
-        ctx.figure(BENCHMARK, "train step on pre-encoded latents", batch / pre_s, "images/s", dtype="bf16 autocast",
+        ctx.figure(BENCHMARK, "train step on pre-encoded latents", batch / pre_s, "images/s", dtype=dtype_label(params.train.precision),
                    settings=settings, spread=[batch / max(pre), batch / min(pre)]),
         ctx.figure(BENCHMARK, "train step encoding each batch on the fly", batch / fly_s, "images/s",
-                   dtype="bf16 autocast step, fp32 encoder", settings=settings,
+                   dtype=f"{dtype_label(params.train.precision)} step, fp32 encoder", settings=settings,
                    spread=[batch / max(fly), batch / min(fly)]),
         ctx.figure(BENCHMARK, "speedup of pre-encoded latents", fly_s / pre_s, "x", settings=settings,
                    note="step time on the fly / step time on pre-encoded latents"),

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from msdm.precision import cpu_bf16_support, resolve_precision
+
 # CPU flags that decide which kernels PyTorch/oneDNN can use for fp32 and bf16 work.
 RELEVANT_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16",
                   "amx_tile", "amx_bf16", "amx_int8")
@@ -63,12 +65,16 @@ class Machine:
     platform: str
     hypervisor: str
     threading_env: dict
+    torch_bf16_checks: dict    # what torch.cpu reports; msdm.precision decides `auto` from it
+    precision_auto: str        # what `precision: auto` runs on this CPU
+    precision_auto_reason: str
 
     def short(self) -> str:
         """One line naming the machine, put next to every figure."""
         extras = [f for f in ("avx512_bf16", "amx_bf16") if self.flags.get(f)]
         return (f"{self.model_name} ({self.microarchitecture}), {self.cores} cores @ {self.clock_mhz:.0f} MHz, "
-                f"{'+'.join(extras) or 'no bf16 ISA'}, torch {self.torch_threads} threads")
+                f"{'+'.join(extras) or 'no bf16 ISA'}, auto precision {self.precision_auto}, "
+                f"torch {self.torch_threads} threads")
 
     def identity(self) -> str:
         """The machine without run settings (threads): sections measured on it may share a file."""
@@ -128,6 +134,7 @@ def describe_machine(lscpu_text: str | None = None) -> Machine:
         except (OSError, subprocess.CalledProcessError):
             lscpu_text = ""
     f = parse_lscpu(lscpu_text)
+    auto = resolve_precision("auto", "cpu")
     flags = set(f.get("Flags", "").split())
     vendor = f.get("Vendor ID", "")
     family, model = _int(f.get("CPU family")), _int(f.get("Model"))
@@ -150,6 +157,7 @@ def describe_machine(lscpu_text: str | None = None) -> Machine:
         torch_cpu_capability=torch.backends.cpu.get_cpu_capability(), mkldnn=torch.backends.mkldnn.is_available(),
         platform=platform.platform(), hypervisor=f.get("Hypervisor vendor", ""),
         threading_env={k: os.environ[k] for k in THREADING_ENV if k in os.environ},
+        torch_bf16_checks=cpu_bf16_support(), precision_auto=auto.name, precision_auto_reason=auto.reason,
     )
 
 

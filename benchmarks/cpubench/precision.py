@@ -17,7 +17,8 @@ import time
 
 import torch
 
-from msdm.ae_train import ADAMW_BETAS, ADAMW_WEIGHT_DECAY, autocast_context
+from msdm.ae_train import ADAMW_BETAS, ADAMW_WEIGHT_DECAY
+from msdm.precision import resolve_precision
 from msdm.data import from_uint8, image_channels
 from msdm.losses import ReconstructionLoss
 from msdm.multispace import build_autoencoder
@@ -117,7 +118,7 @@ def channels_last_figures(ctx: Context, size: dict, timing_kw: dict) -> list[Fig
         model = build_autoencoder(cfg, channels).to(memory_format=memory_format).train()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
                                 fused=True)  # as msdm.ae_train
-        autocast = autocast_context(cfg.precision, "cpu")
+        autocast = resolve_precision(cfg.precision, "cpu", key="autoencoder.precision").autocast("cpu")
         g = torch.Generator().manual_seed(0)
 
         def step():
@@ -138,7 +139,8 @@ def channels_last_figures(ctx: Context, size: dict, timing_kw: dict) -> list[Fig
     last, last_range = _rate(batch, runs["channels_last"])
     settings = {"model": "MultiSpaceAutoencoder (params.yaml autoencoder)", "batch": batch, "image": [channels, s, s],
                 "loss": cfg.recon_loss, **timing_kw, "repeats": ctx.repeats}
-    dtype = f"{cfg.precision} autocast" if cfg.precision != "fp32" else "fp32"
+    used = resolve_precision(cfg.precision, "cpu", key="autoencoder.precision").name
+    dtype = "fp32" if used == "fp32" else f"{used} autocast"
     return [
         ctx.figure(BENCHMARK, "autoencoder step, contiguous (NCHW)", cont, "images/s", dtype=dtype,
                    settings=settings, spread=cont_range),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from msdm.config import replace
 
-from .common import (Context, Figure, bench_params, latent_info, median_timing, synthetic_latents, threads,
+from .common import (auto_precision, dtype_label, Context, Figure, bench_params, latent_info, median_timing, synthetic_latents, threads,
                      time_bare, timing_from_stamps, write_store)
 
 BENCHMARK = "ray"
@@ -102,7 +102,7 @@ def run(ctx: Context) -> list[Figure]:
     from pipeline.cluster import init_ray, shutdown_ray
 
     size = sizes(ctx.quick, ctx.params)
-    base = bench_params(ctx.params, preset=size["preset"], batch=size["batch"], precision="bf16", strategy="const")
+    base = bench_params(ctx.params, preset=size["preset"], batch=size["batch"], precision=auto_precision(), strategy="const")
     info = latent_info(base)
     store = write_store(ctx.tmp / "latents", max(size["examples"], size["batch"]), info)
     latents, labels = synthetic_latents(max(size["examples"], size["batch"]), info)
@@ -142,7 +142,7 @@ def run(ctx: Context) -> list[Figure]:
         s = {**settings, "num_workers": workers, "cpus_per_worker": cpus, "stamped_steps": f["stamped_steps"]}
         figures += [
             ctx.figure(BENCHMARK, f"Ray Train {label}", f["timing"].images_per_second(batch), "images/s",
-                       dtype="bf16 autocast", torch_threads=cpus, settings=s,
+                       dtype=dtype_label(base.train.precision), torch_threads=cpus, settings=s,
                        spread=f["timing"].spread_images_per_second(batch),
                        note="steady state, from the curve CSV's write times"),
             ctx.figure(BENCHMARK, f"start-up {label}", f["startup_seconds"], "s", torch_threads=cpus, settings=s,
@@ -152,21 +152,21 @@ def run(ctx: Context) -> list[Figure]:
         ]
     one_by_two, one_by_one, two_by_one = (fits[label]["timing"].seconds_per_step for label, _, _ in layouts)
     figures += [
-        ctx.figure(BENCHMARK, "bare PyTorch loop, 2 threads", batch / bare[2], "images/s", dtype="bf16 autocast",
+        ctx.figure(BENCHMARK, "bare PyTorch loop, 2 threads", batch / bare[2], "images/s", dtype=dtype_label(base.train.precision),
                    torch_threads=2, settings={**settings, "repeats": ctx.repeats}),
-        ctx.figure(BENCHMARK, "bare PyTorch loop, 1 thread", batch / bare[1], "images/s", dtype="bf16 autocast",
+        ctx.figure(BENCHMARK, "bare PyTorch loop, 1 thread", batch / bare[1], "images/s", dtype=dtype_label(base.train.precision),
                    torch_threads=1, settings={**settings, "repeats": ctx.repeats}),
         ctx.figure(BENCHMARK, "Ray overhead, 1 worker x 2 CPUs vs bare 2 threads",
-                   100.0 * (one_by_two / bare[2] - 1.0), "%", dtype="bf16 autocast", torch_threads=2,
+                   100.0 * (one_by_two / bare[2] - 1.0), "%", dtype=dtype_label(base.train.precision), torch_threads=2,
                    settings=settings, note="includes our loop's own overhead (see training)"),
         ctx.figure(BENCHMARK, "Ray overhead, 1 worker x 1 CPU vs bare 1 thread",
-                   100.0 * (one_by_one / bare[1] - 1.0), "%", dtype="bf16 autocast", torch_threads=1,
+                   100.0 * (one_by_one / bare[1] - 1.0), "%", dtype=dtype_label(base.train.precision), torch_threads=1,
                    settings=settings),
         ctx.figure(BENCHMARK, "scaling efficiency, 2 workers x 1 CPU", one_by_one / (2.0 * two_by_one), "fraction",
-                   dtype="bf16 autocast", torch_threads=1, settings=settings,
+                   dtype=dtype_label(base.train.precision), torch_threads=1, settings=settings,
                    note="throughput(2 x 1) / (2 x throughput(1 x 1)); DDP over gloo"),
         ctx.figure(BENCHMARK, "2 workers x 1 CPU vs 1 worker x 2 CPUs", one_by_two / two_by_one, "ratio",
-                   dtype="bf16 autocast", settings=settings,
+                   dtype=dtype_label(base.train.precision), settings=settings,
                    note="same cores: > 1 means data parallel beats intra-op threads"),
     ]
     return figures

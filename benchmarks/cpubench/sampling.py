@@ -88,7 +88,8 @@ def run_sampling(ctx: Context) -> list[Figure]:
                 "weighting": params.weighting.strategy, "learn_sigma": generator.learn_sigma,
                 "latent": [info.channels, info.size, info.size], "decoder": decoder_what, "store": store_what,
                 "diffusion_model": "random init", "images": list(images.shape)}
-    dtype = f"{params.train.precision} autocast (denoiser), fp32 decoder"
+    used = generator.precision.name
+    dtype = f"{'fp32' if used == 'fp32' else used + ' autocast'} (denoiser), fp32 decoder"
     per_image = total / n
     return [
         ctx.figure(BENCHMARK_SAMPLING, "sampling + decode (SampleGenerator.images)", n / total, "images/s",

@@ -7,8 +7,10 @@ interleaved (bare, ours, bare, ours, ...) so drift on a shared machine hits both
 """
 from __future__ import annotations
 
-from .common import (Context, Figure, bench_params, interleaved, latent_info, median_timing, synthetic_latents,
-                     time_bare, time_train_loop)
+from msdm.precision import resolve_precision
+
+from .common import (Context, Figure, bench_params, dtype_label, interleaved, latent_info, median_timing,
+                     synthetic_latents, time_bare, time_train_loop)
 
 BENCHMARK = "training"
 
@@ -38,7 +40,8 @@ def compare(ctx: Context, *, preset: str, batch: int, precision: str, strategy: 
                 "weighting": strategy, "target": params.diffusion.target, "optimizer": "AdamW(fused=True)",
                 "ema": True, "grad_clip": params.train.grad_clip, **timing_kw, "repeats": ctx.repeats,
                 "statistic": "median over repeats of steady-state images/s"}
-    dtype = f"{precision} autocast" if precision != "fp32" else "fp32"
+    precision = resolve_precision(precision, "cpu").name
+    dtype = dtype_label(precision)
     return [
         ctx.figure(BENCHMARK, f"ours (msdm.train.train_loop) {tag}", batch / ours_s, "images/s", dtype=dtype,
                    settings=settings, spread=[batch / ours_range[1], batch / ours_range[0]]),
@@ -54,7 +57,7 @@ def run(ctx: Context) -> list[Figure]:
     size = sizes(ctx.quick)
     figures: list[Figure] = []
     for preset, batch in size["configs"]:
-        figures += compare(ctx, preset=preset, batch=batch, precision="bf16", strategy="const", size=size)
+        figures += compare(ctx, preset=preset, batch=batch, precision="auto", strategy="const", size=size)
     if not ctx.quick:
         # the configured strategy (dysigma: learned variance channels + VLB) on the configured model,
         # against the same bare const loop: what the method's loss costs on top of orchestration
