@@ -79,31 +79,10 @@ class GaussianDiffusion:
         return self.snr_table.to(t.device)[t].float()
 
     # --- targets ---------------------------------------------------------------------
-    def target(self, kind: str, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
-        if kind == "x0":
-            return x0
-        if kind == "eps":
-            return noise
-        if kind == "v":
-            return self.v_from_x0(x_t, t, x0)
-        raise ValueError(f"diffusion.target: got {kind!r}, expected one of {TARGETS}")
-
     def v_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         a = _gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
         s = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
         return (a * x_t - x0) / s
-
-    def x0_from(self, kind: str, x_t: Tensor, t: Tensor, pred: Tensor) -> Tensor:
-        """Convert a prediction of `kind` into the implied x0."""
-        a = _gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
-        s = _gather(self.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
-        if kind == "x0":
-            return pred
-        if kind == "eps":
-            return (x_t - s * pred) / a
-        if kind == "v":
-            return a * x_t - s * pred
-        raise ValueError(f"diffusion.target: got {kind!r}, expected one of {TARGETS}")
 
     def eps_from_x0(self, x_t: Tensor, t: Tensor, x0: Tensor) -> Tensor:
         a = _gather(self.sqrt_alphas_cumprod, t, x_t.ndim)
@@ -160,3 +139,92 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
         x < -0.999, log_cdf_plus,
         torch.where(x > 0.999, log_one_minus_cdf_min, torch.log(cdf_delta.clamp(min=1e-12))),
     )
+
+
+class Prediction:
+    """What the backbone predicts, and everything that depends on it, in one place.
+
+    The idea of k-diffusion's `Denoiser`: the scalings between the network output, the
+    regression target and x0 live here, so the loss, the weighting strategies and the
+    samplers never compare target names. One instance per target: `prediction(name)`.
+    """
+
+    name = ""
+
+    def target(self, d: GaussianDiffusion, x0: Tensor, noise: Tensor, x_t: Tensor, t: Tensor) -> Tensor:
+        """The regression target of the training loss."""
+        raise NotImplementedError
+
+    def x0(self, d: GaussianDiffusion, x_t: Tensor, t: Tensor, output: Tensor) -> Tensor:
+        """The x0 a network output implies at (x_t, t)."""
+        raise NotImplementedError
+
+    def weight_from_x0(self, w_x0: Tensor, w_x0_over_snr: Tensor, snr: Tensor) -> Tensor:
+        """An x0-error weight moved onto this target's MSE.
+
+        eps-MSE = SNR x0-MSE and v-MSE = (SNR + 1) x0-MSE at the same x_t, so w_eps = w_x0 / SNR
+        and w_v = w_x0 / (SNR + 1). `w_x0_over_snr` is w_x0 / SNR in a closed form the caller
+        keeps finite at SNR = 0.
+        """
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"prediction({self.name!r})"
+
+
+class X0Prediction(Prediction):
+    name = "x0"
+
+    def target(self, d, x0, noise, x_t, t):
+        return x0
+
+    def x0(self, d, x_t, t, output):
+        return output
+
+    def weight_from_x0(self, w_x0, w_x0_over_snr, snr):
+        return w_x0
+
+
+class EpsPrediction(Prediction):
+    name = "eps"
+
+    def target(self, d, x0, noise, x_t, t):
+        return noise
+
+    def x0(self, d, x_t, t, output):
+        a = _gather(d.sqrt_alphas_cumprod, t, x_t.ndim)
+        s = _gather(d.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        return (x_t - s * output) / a
+
+    def weight_from_x0(self, w_x0, w_x0_over_snr, snr):
+        return w_x0_over_snr
+
+
+class VPrediction(Prediction):
+    """v = (sqrt(ab) x_t - x0) / sqrt(1 - ab) = sqrt(ab) eps - sqrt(1 - ab) x0."""
+
+    name = "v"
+
+    def target(self, d, x0, noise, x_t, t):
+        return d.v_from_x0(x_t, t, x0)
+
+    def x0(self, d, x_t, t, output):
+        a = _gather(d.sqrt_alphas_cumprod, t, x_t.ndim)
+        s = _gather(d.sqrt_one_minus_alphas_cumprod, t, x_t.ndim)
+        return a * x_t - s * output
+
+    def weight_from_x0(self, w_x0, w_x0_over_snr, snr):
+        # not w_x0_over_snr * snr: that is 0 at SNR = 0 even where w_x0 is not (dysigma)
+        return w_x0 / (snr + 1)
+
+
+_PREDICTIONS = {cls.name: cls() for cls in (X0Prediction, EpsPrediction, VPrediction)}
+assert tuple(_PREDICTIONS) == TARGETS
+
+
+def prediction(name: str) -> Prediction:
+    """The `Prediction` for `diffusion.target` (x0, eps or v)."""
+    try:
+        return _PREDICTIONS[name]
+    except KeyError:
+        raise ValueError(f"diffusion.target: got {name!r}, expected one of {', '.join(TARGETS)}") from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, Prediction, prediction
 from .weighting import LossContext, WeightingStrategy
 
 
@@ -24,11 +24,11 @@ class LossOutput:
 
 
 class DiffusionLoss:
-    def __init__(self, diffusion: GaussianDiffusion, strategy: WeightingStrategy, *, target: str,
+    def __init__(self, diffusion: GaussianDiffusion, strategy: WeightingStrategy, *, target: Prediction | str,
                  subspaces: int, label_dropout: float, null_class: int | None):
         self.diffusion = diffusion
         self.strategy = strategy
-        self.target = target
+        self.target = prediction(target) if isinstance(target, str) else target
         self.subspaces = subspaces
         self.label_dropout = label_dropout
         self.null_class = null_class
@@ -55,7 +55,7 @@ class DiffusionLoss:
         var_values = None
         if self.strategy.learns_variance:
             out, var_values = out.chunk(2, dim=1)
-        target = self.diffusion.target(self.target, x0, noise, x_t, t)
+        target = self.target.target(self.diffusion, x0, noise, x_t, t)
         mse = (target - out).pow(2).reshape(b, self.subspaces, -1).mean(2)
         ctx = LossContext(t=t, snr=self.diffusion.snr(t), target=self.target, mse=mse,
                           diffusion=self.diffusion, x0=x0, x_t=x_t, prediction=out, var_values=var_values)

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Params
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, prediction
 from .precision import resolve_precision
 from .sampling import Denoiser, sample
 from .weighting import strategy_learns_variance
@@ -41,8 +41,8 @@ class SampleGenerator:
     @torch.inference_mode()
     def latents(self, model: nn.Module, n: int, *, seed: int, labels: Tensor | None = None) -> Tensor:
         ev = self.params.eval
-        denoiser = Denoiser(model, self.diffusion, self.params.diffusion.target, learn_sigma=self.learn_sigma,
-                            cfg_scale=ev.cfg_scale,
+        denoiser = Denoiser(model, self.diffusion, prediction(self.params.diffusion.target),
+                            learn_sigma=self.learn_sigma, cfg_scale=ev.cfg_scale,
                             null_class=self.info.num_classes if self.info.num_classes > 0 else None,
                             autocast=None if self.precision.name == "fp32" else self.precision.autocast(self.device))
         if labels is None:

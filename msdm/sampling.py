@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, Prediction, prediction
 
 ModelFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
 
@@ -30,10 +30,11 @@ def timestep_grid(timesteps: int, steps: int) -> list[int]:
 class Denoiser:
     """Turns backbone outputs into (x0 prediction, variance values or None), applying CFG."""
 
-    def __init__(self, model: nn.Module | ModelFn, diffusion: GaussianDiffusion, target: str, *,
+    def __init__(self, model: nn.Module | ModelFn, diffusion: GaussianDiffusion, target: Prediction | str, *,
                  learn_sigma: bool, cfg_scale: float = 1.0, null_class: int | None = None,
                  autocast: contextlib.AbstractContextManager | None = None):
-        self.model, self.diffusion, self.target = model, diffusion, target
+        self.model, self.diffusion = model, diffusion
+        self.target = prediction(target) if isinstance(target, str) else target
         self.learn_sigma, self.cfg_scale, self.null_class = learn_sigma, cfg_scale, null_class
         self.autocast = autocast
 
@@ -55,7 +56,7 @@ class Denoiser:
             if guided:
                 uncond = uncond.chunk(2, dim=1)[0]
         pred = uncond + self.cfg_scale * (cond - uncond) if guided else cond
-        return self.diffusion.x0_from(self.target, x, t, pred), var
+        return self.target.x0(self.diffusion, x, t, pred), var
 
 
 @torch.inference_mode()

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Params
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, prediction
 from .diffusion_loss import DiffusionLoss
 from .io import atomic_torch_save, safe_torch_load
 from .models.vit import build_vit
@@ -231,7 +231,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
                             weight_decay=tc.weight_decay, fused=True)
     diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
     null_class = info.num_classes if info.num_classes > 0 else None
-    loss_fn = DiffusionLoss(diffusion, model.strategy, target=params.diffusion.target, subspaces=info.subspaces,
+    loss_fn = DiffusionLoss(diffusion, model.strategy, target=prediction(params.diffusion.target),
+                            subspaces=info.subspaces,
                             label_dropout=params.model.label_dropout, null_class=null_class)
     # resolved on the worker: it, not the machine that read params.yaml, has the device
     precision = resolve_precision(tc.precision, device, key="train.precision")

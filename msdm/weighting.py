@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import STRATEGIES, WeightingConfig
-from .diffusion import GaussianDiffusion
+from .diffusion import GaussianDiffusion, Prediction, prediction
 
 
 @dataclass
@@ -26,7 +26,7 @@ class LossContext:
 
     t: Tensor
     snr: Tensor
-    target: str
+    target: Prediction                    # what the backbone predicts (msdm.diffusion.prediction)
     mse: Tensor
     diffusion: GaussianDiffusion
     x0: Tensor | None = None
@@ -34,24 +34,16 @@ class LossContext:
     prediction: Tensor | None = None      # the model's target prediction (mean channels)
     var_values: Tensor | None = None      # the model's variance channels, in [-1, 1] nominally
 
-
-def to_target(w_x0_over_snr: Tensor, snr: Tensor, target: str, w_x0: Tensor) -> Tensor:
-    """Move an x0 weight to `target`. `w_x0_over_snr` is w_x0/SNR in a closed form finite at 0."""
-    if target == "x0":
-        return w_x0
-    if target == "eps":
-        return w_x0_over_snr
-    if target == "v":
-        # not w_x0_over_snr * snr: that is 0 at SNR = 0 even where w_x0 is not (dysigma)
-        return w_x0 / (snr + 1)
-    raise ValueError(f"diffusion.target: got {target!r}, expected 'x0', 'eps' or 'v'")
+    def __post_init__(self):
+        if isinstance(self.target, str):  # a diffusion.target name, looked up once
+            self.target = prediction(self.target)
 
 
-def min_snr_weight(snr: Tensor, target: str, gamma: float) -> Tensor:
+def min_snr_weight(snr: Tensor, target: Prediction, gamma: float) -> Tensor:
     """Min-SNR-gamma (Hang et al. 2023) on `target`; w = 1 where SNR = 0 by definition."""
     w_x0 = snr.clamp(max=gamma)
     safe = torch.where(snr > 0, snr, torch.ones_like(snr))
-    w = to_target(w_x0 / safe, snr, target, w_x0)
+    w = target.weight_from_x0(w_x0, w_x0 / safe, snr)
     return torch.where(snr > 0, w, torch.ones_like(w))
 
 
@@ -97,7 +89,7 @@ class SoftMinSNR(WeightingStrategy):
     def weights(self, ctx):
         sd2 = self.cfg.sigma_data ** 2
         w_over_snr = 1.0 / (1.0 + ctx.snr * sd2)
-        return to_target(w_over_snr, ctx.snr, ctx.target, ctx.snr * w_over_snr)
+        return ctx.target.weight_from_x0(ctx.snr * w_over_snr, w_over_snr, ctx.snr)
 
 
 class P2(WeightingStrategy):
@@ -107,7 +99,7 @@ class P2(WeightingStrategy):
 
     def weights(self, ctx):
         w_eps = (self.cfg.p2_k + ctx.snr) ** (-self.cfg.p2_gamma)
-        return to_target(w_eps, ctx.snr, ctx.target, ctx.snr * w_eps)
+        return ctx.target.weight_from_x0(ctx.snr * w_eps, w_eps, ctx.snr)
 
 
 class FourierFeatures(nn.Module):
@@ -183,8 +175,8 @@ class DySigma(WeightingStrategy):
         sigma = torch.exp(log_var).reshape(b, k, -1).mean(2).detach()
         snr = ctx.snr.unsqueeze(1)
         # sigma > 0, so the eps weight sigma / SNR is +inf at SNR = 0 and clamps to clamp_max
-        w = to_target(sigma / snr, snr, ctx.target, sigma).clamp(0.0, self.cfg.clamp_max)
-        x0_hat = d.x0_from(ctx.target, ctx.x_t, ctx.t, ctx.prediction.detach())
+        w = ctx.target.weight_from_x0(sigma, sigma / snr, snr).clamp(0.0, self.cfg.clamp_max)
+        x0_hat = ctx.target.x0(d, ctx.x_t, ctx.t, ctx.prediction.detach())
         frozen_mean, _, _ = d.q_posterior(x0_hat, ctx.x_t, ctx.t)
         vlb = d.vlb_terms(ctx.x0, ctx.x_t, ctx.t, frozen_mean, log_var)
         return (w * ctx.mse).sum(1) + vlb, w

@@ -13,6 +13,7 @@ from msdm.diffusion import (
     discretized_gaussian_log_likelihood,
     linear_betas,
     normal_kl,
+    prediction,
 )
 
 S = 0.008  # Nichol & Dhariwal's offset
@@ -125,35 +126,32 @@ def sample_batch():
 def test_v_target_has_documented_sign(sample_batch):
     d, x0, noise, t, x_t = sample_batch
     ab = d.alphas_cumprod[t].float().view(-1, 1, 1, 1)
-    v = d.target("v", x0, noise, x_t, t)
+    v = prediction("v").target(d, x0, noise, x_t, t)
     torch.testing.assert_close(v, ab.sqrt() * noise - (1 - ab).sqrt() * x0, rtol=1e-4, atol=1e-4)
     # and the Min-SNR form it was written in (float32 cancellation over sqrt(1-ab) ~ 6e-3 at t=0)
     torch.testing.assert_close(v, (ab.sqrt() * x_t - x0) / (1 - ab).sqrt(), rtol=1e-3, atol=1e-3)
-    assert d.target("x0", x0, noise, x_t, t) is x0
-    assert d.target("eps", x0, noise, x_t, t) is noise
+    assert prediction("x0").target(d, x0, noise, x_t, t) is x0
+    assert prediction("eps").target(d, x0, noise, x_t, t) is noise
 
 
 def test_target_round_trips(sample_batch):
     d, x0, noise, t, x_t = sample_batch
-    torch.testing.assert_close(d.x0_from("x0", x_t, t, x0), x0)
+    torch.testing.assert_close(prediction("x0").x0(d, x_t, t, x0), x0)
     # eps -> x0 divides by sqrt(alpha_bar) ~ 5e-5 at t=999, so float32 loses digits there
-    torch.testing.assert_close(d.x0_from("eps", x_t[:4], t[:4], noise[:4]), x0[:4], rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(d.x0_from("eps", x_t, t, noise), x0, rtol=1e-2, atol=1e-2)
-    torch.testing.assert_close(d.x0_from("v", x_t, t, d.v_from_x0(x_t, t, x0)), x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prediction("eps").x0(d, x_t[:4], t[:4], noise[:4]), x0[:4], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(prediction("eps").x0(d, x_t, t, noise), x0, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(prediction("v").x0(d, x_t, t, d.v_from_x0(x_t, t, x0)), x0, rtol=1e-5, atol=1e-5)
     # x0 -> eps divides by sqrt(1 - alpha_bar) ~ 6e-3 at t=0
     torch.testing.assert_close(d.eps_from_x0(x_t, t, x0), noise, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(d.eps_from_x0(x_t[1:], t[1:], x0[1:]), noise[1:], rtol=1e-5, atol=1e-5)
     # eps -> x0 -> v equals the v target
-    v_via_eps = d.v_from_x0(x_t[:4], t[:4], d.x0_from("eps", x_t[:4], t[:4], noise[:4]))
-    torch.testing.assert_close(v_via_eps, d.target("v", x0, noise, x_t, t)[:4], rtol=1e-4, atol=1e-4)
+    v_via_eps = d.v_from_x0(x_t[:4], t[:4], prediction("eps").x0(d, x_t[:4], t[:4], noise[:4]))
+    torch.testing.assert_close(v_via_eps, prediction("v").target(d, x0, noise, x_t, t)[:4], rtol=1e-4, atol=1e-4)
 
 
-def test_unknown_target_is_refused(sample_batch):
-    d, x0, noise, t, x_t = sample_batch
-    with pytest.raises(ValueError, match="x0"):
-        d.target("score", x0, noise, x_t, t)
-    with pytest.raises(ValueError, match="x0"):
-        d.x0_from("score", x_t, t, x0)
+def test_unknown_target_is_refused():
+    with pytest.raises(ValueError, match="diffusion.target: got 'score', expected one of x0, eps, v"):
+        prediction("score")
 
 
 # ------------------------------------------------------------------------------ posterior

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from msdm.config import PRESETS
-from msdm.diffusion import GaussianDiffusion
+from msdm.diffusion import GaussianDiffusion, prediction
 from msdm.models.vit import VIT_PRESETS, ViT, build_vit, timestep_embedding
 from msdm.sampling import Denoiser, sample, timestep_grid
 
@@ -285,7 +285,7 @@ def test_cfg_combines_uncond_and_cond(target, scale):
     cond, cond_var = model(x, t, y).chunk(2, dim=1)
     uncond = model(x, t, null).chunk(2, dim=1)[0]
     guided = uncond + scale * (cond - uncond)
-    torch.testing.assert_close(x0, DIFFUSION.x0_from(target, x, t, guided))
+    torch.testing.assert_close(x0, prediction(target).x0(DIFFUSION, x, t, guided))
     if target == "x0":
         # hand-computed: uncond differs from cond only by 0.1 * (y - 10)
         torch.testing.assert_close(x0, cond + (1 - scale) * 0.1 * (10 - y.float()).view(-1, 1, 1, 1))

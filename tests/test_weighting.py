@@ -10,6 +10,7 @@ import torch
 
 from msdm.config import STRATEGIES, WeightingConfig
 from msdm.diffusion import GaussianDiffusion
+from msdm.diffusion import prediction as prediction_of
 from msdm.diffusion_loss import DiffusionLoss
 from msdm.models.vit import ViT
 from msdm.weighting import (
@@ -107,7 +108,7 @@ def per_target_mse(x0, x0_hat, noise, t, target, k):
     """MSE on `target` when the model's implied x0 is x0_hat, at the same x_t."""
     d = DIFFUSION
     x_t = d.q_sample(x0, t, noise)
-    truth = d.target(target, x0, noise, x_t, t)
+    truth = prediction_of(target).target(d, x0, noise, x_t, t)
     pred = {"x0": lambda: x0_hat, "eps": lambda: d.eps_from_x0(x_t, t, x0_hat),
             "v": lambda: d.v_from_x0(x_t, t, x0_hat)}[target]()
     return (truth - pred).pow(2).reshape(x0.shape[0], k, -1).mean(2)
@@ -149,8 +150,8 @@ def dysigma_ctx(t, var_values, target="x0", k=1, prediction=None, x0=None, seed=
     x0 = torch.randn(shape, generator=g) if x0 is None else x0
     x_t = DIFFUSION.q_sample(x0, t, torch.randn(shape, generator=g))
     if prediction is None:
-        prediction = DIFFUSION.target(target, x0, torch.randn(shape, generator=g), x_t, t)
-    truth = DIFFUSION.target(target, x0, DIFFUSION.eps_from_x0(x_t, t, x0), x_t, t)
+        prediction = prediction_of(target).target(DIFFUSION, x0, torch.randn(shape, generator=g), x_t, t)
+    truth = prediction_of(target).target(DIFFUSION, x0, DIFFUSION.eps_from_x0(x_t, t, x0), x_t, t)
     mse = (truth - prediction).pow(2).reshape(shape[0], k, -1).mean(2)
     return LossContext(t=t, snr=DIFFUSION.snr(t), target=target, mse=mse, diffusion=DIFFUSION, x0=x0, x_t=x_t,
                        prediction=prediction, var_values=var_values)
@@ -211,7 +212,7 @@ def test_dysigma_at_snr_zero():
     beta = DIFFUSION.betas[999].item()
     for target, expected in [("x0", beta), ("v", beta), ("eps", 10.0)]:
         ctx.snr = torch.zeros(2)
-        ctx.target = target
+        ctx.target = prediction_of(target)
         _, w = strategy("dysigma")(ctx)
         torch.testing.assert_close(w, torch.full((2, 1), expected), rtol=1e-5, atol=0)
 
@@ -224,7 +225,7 @@ def test_dysigma_vlb_trains_only_the_variance(target):
     x0 = torch.randn(4, 2 * k, 4, 4, generator=g)
     noise = torch.randn(x0.shape, generator=g)
     x_t = DIFFUSION.q_sample(x0, t, noise)
-    truth = DIFFUSION.target(target, x0, noise, x_t, t)
+    truth = prediction_of(target).target(DIFFUSION, x0, noise, x_t, t)
     prediction = (truth + 0.3 * torch.randn(x0.shape, generator=g)).requires_grad_()
     var_values = (torch.rand(x0.shape, generator=g) * 2 - 1).requires_grad_()
     mse = (truth - prediction).pow(2).reshape(4, k, -1).mean(2)
@@ -237,7 +238,7 @@ def test_dysigma_vlb_trains_only_the_variance(target):
     (ref_pred,) = torch.autograd.grad((w * mse).sum(), [prediction])
     torch.testing.assert_close(grad_pred, ref_pred)
     # variance: exactly the gradient of the VLB on the frozen mean (w is detached)
-    x0_hat = DIFFUSION.x0_from(target, x_t, t, prediction.detach())
+    x0_hat = prediction_of(target).x0(DIFFUSION, x_t, t, prediction.detach())
     frozen_mean, _, _ = DIFFUSION.q_posterior(x0_hat, x_t, t)
     vlb = DIFFUSION.vlb_terms(x0, x_t, t, frozen_mean, DIFFUSION.learned_range_log_variance(var_values, t))
     (ref_var,) = torch.autograd.grad(vlb.sum(), [var_values])
