@@ -20,7 +20,9 @@ TINY_PARAMS = {
     "encode": {"batch_size": 2000, "shard_size": 40000},
     "featurenet": {"steps": 30, "batch_size": 64, "feature_dim": 32},
     "model": {"preset": "vit-tiny"},
-    "train": {"steps": 12, "batch_size": 16, "num_workers": 2, "cpus_per_worker": 1, "checkpoint_every": 4,
+    # one worker: DDP over 2 workers is covered by test_reliability's Ray Train runs, and each worker
+    # process costs seconds of imports on the 2-core CI machine, three fits over here
+    "train": {"steps": 12, "batch_size": 16, "num_workers": 1, "cpus_per_worker": 1, "checkpoint_every": 4,
               "log_every": 2},
     "eval": {"every": 4, "num_samples": 40, "final_num_samples": 40, "sampling_steps": 4, "batch_size": 40},
     "sweep": {"strategies": ["const", "dysigma"], "seeds": [0], "steps": 8, "eval_every": 4, "num_samples": 20,

@@ -41,6 +41,13 @@ def test_quick_training_benchmark_writes_json(tmp_path):
     assert {"model_name", "cores", "flags", "torch_threads", "clock_mhz", "summary"} <= set(machine)
     assert machine["torch_threads"] == 1
     assert {"avx512_bf16", "amx_bf16"} <= set(machine["flags"])
+    # the record says what `precision: auto` runs on this CPU, and the figures ran in it
+    from msdm.precision import resolve_precision
+
+    auto = resolve_precision("auto", "cpu")
+    assert (machine["precision_auto"], machine["precision_auto_reason"]) == (auto.name, auto.reason)
+    assert set(machine["torch_bf16_checks"]) == {"amx_bf16", "avx512_bf16"}
+    expected_dtype = "fp32" if auto.name == "fp32" else f"{auto.name} autocast"
     assert list(report["benchmarks"]) == ["training"]
     section = report["benchmarks"]["training"]
     assert section["error"] is None and section["quick"] is True
@@ -51,7 +58,7 @@ def test_quick_training_benchmark_writes_json(tmp_path):
     overhead = next(f for name, f in figures.items() if name.startswith("orchestration overhead"))
     for f in (ours, bare):
         assert f["unit"] == "images/s" and f["value"] > 0 and math.isfinite(f["value"])
-        assert f["dtype"] == "bf16 autocast" and f["torch_threads"] == 1
+        assert f["dtype"] == expected_dtype and f["torch_threads"] == 1
         assert f["settings"]["latent"] == [12, 8, 8] and f["settings"]["batch"] == 8
     # the overhead is derived from the two throughputs, not measured separately
     assert overhead["value"] == pytest.approx(100 * (bare["value"] / ours["value"] - 1), rel=1e-6)
