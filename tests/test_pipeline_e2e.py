@@ -1,5 +1,5 @@
-"""A real `dvc repro` of every stage on a tiny config: Ray Train with 2 CPU workers, a real
-Tune sweep, torch-fidelity FID with the domain extractor, resume after SIGKILL."""
+"""A real `dvc repro` of every stage on a tiny config: Ray Train, a real Tune sweep,
+torch-fidelity FID with the domain extractor, resume after SIGKILL."""
 from __future__ import annotations
 
 import csv
