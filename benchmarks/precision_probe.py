@@ -28,44 +28,23 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
-from cpubench.common import BareTrainer, EpochBatches, bench_params, interleaved, latent_info, synthetic_latents  # noqa: E402
-from cpubench.common import time_steps  # noqa: E402
+from cpubench.common import (BareTrainer, EpochBatches, bench_params, interleaved, latent_info,  # noqa: E402
+                             synthetic_latents, time_steps)
 from cpubench.machine import describe_machine  # noqa: E402
-from msdm.ae_train import ADAMW_BETAS, ADAMW_WEIGHT_DECAY  # noqa: E402
+from cpubench.precision import autoencoder_step  # noqa: E402
 from msdm.config import load_params  # noqa: E402
-from msdm.data import from_uint8, image_channels  # noqa: E402
-from msdm.losses import ReconstructionLoss  # noqa: E402
-from msdm.multispace import build_autoencoder  # noqa: E402
-from msdm.precision import Precision  # noqa: E402
+from msdm.data import image_channels  # noqa: E402
 
 RECORDS = REPO / "benchmarks" / "records"
 AE_BATCH, VIT_BATCH = 32, 64
 TIMING = {"warmup": 3, "steps": 12, "chunk": 4}
 
 
-def autoencoder_step(params, precision: str):
-    cfg = params.autoencoder
+def ae_step(params, precision: str):
     channels, size = image_channels(params.data), params.data.image_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (512, channels, size, size), dtype=torch.uint8, generator=g)
-    torch.manual_seed(cfg.seed)
-    model = build_autoencoder(cfg, channels).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
-                            fused=True)
-    loss_fn = ReconstructionLoss.from_config(cfg)
-    autocast = Precision(precision, precision, "probe").autocast("cpu")
-
-    def step():
-        idx = torch.randint(0, len(images), (AE_BATCH,), generator=g)
-        x = from_uint8(images[idx]).contiguous(memory_format=torch.channels_last)
-        with autocast:
-            recon = model(x)
-        loss, _ = loss_fn(x, recon)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    images = torch.randint(0, 256, (512, channels, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    return autoencoder_step(params, images, AE_BATCH, memory_format=torch.channels_last, precision=precision)
 
 
 def vit_step(params, precision: str):
@@ -80,7 +59,7 @@ def measure(repeats: int) -> dict:
     params = load_params(REPO / "params.yaml")
     torch.set_num_threads(1)
     machine = describe_machine()
-    steps = {"autoencoder": autoencoder_step, "vit-tiny/2": vit_step}
+    steps = {"autoencoder": ae_step, "vit-tiny/2": vit_step}
     rows = {}
     for name, build in steps.items():
         def timed(precision: str, build=build) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from typing import Callable
 
 import torch
 
@@ -105,32 +106,40 @@ def compile_figures(ctx: Context, params, info, latents, labels, batch: int, eag
     ]
 
 
+def autoencoder_step(params, images: torch.Tensor, batch: int, *, memory_format: torch.memory_format,
+                     precision: str) -> Callable[[], None]:
+    """One training step of the stage-1 autoencoder as msdm.ae_train runs it, on random batches of `images`."""
+    cfg = params.autoencoder
+    torch.manual_seed(cfg.seed)
+    model = build_autoencoder(cfg, images.shape[1]).to(memory_format=memory_format).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
+                            fused=True)  # as msdm.ae_train
+    loss_fn = ReconstructionLoss.from_config(cfg)
+    autocast = resolve_precision(precision, "cpu", key="autoencoder.precision").autocast("cpu")
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        idx = torch.randint(0, len(images), (batch,), generator=g)
+        x = from_uint8(images[idx]).contiguous(memory_format=memory_format)
+        with autocast:
+            recon = model(x)
+        loss, _ = loss_fn(x, recon)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def channels_last_figures(ctx: Context, size: dict, timing_kw: dict) -> list[Figure]:
     """The autoencoder's step as msdm.ae_train runs it, with the model and input in each memory format."""
     cfg = ctx.params.autoencoder
     channels, s, batch = image_channels(ctx.params.data), ctx.params.data.image_size, size["ae_batch"]
     images = torch.randint(0, 256, (max(size["examples"], batch), channels, s, s), dtype=torch.uint8,
                            generator=torch.Generator().manual_seed(0))
-    loss_fn = ReconstructionLoss.from_config(cfg)
 
     def ae_step_time(memory_format: torch.memory_format) -> float:
-        torch.manual_seed(cfg.seed)
-        model = build_autoencoder(cfg, channels).to(memory_format=memory_format).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
-                                fused=True)  # as msdm.ae_train
-        autocast = resolve_precision(cfg.precision, "cpu", key="autoencoder.precision").autocast("cpu")
-        g = torch.Generator().manual_seed(0)
-
-        def step():
-            idx = torch.randint(0, len(images), (batch,), generator=g)
-            x = from_uint8(images[idx]).contiguous(memory_format=memory_format)
-            with autocast:
-                recon = model(x)
-            loss, _ = loss_fn(x, recon)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
+        step = autoencoder_step(ctx.params, images, batch, memory_format=memory_format, precision=cfg.precision)
         return time_steps(step, **timing_kw).seconds_per_step
 
     runs = interleaved({"contiguous": lambda: ae_step_time(torch.contiguous_format),
