@@ -44,7 +44,7 @@ class SampleGenerator:
         denoiser = Denoiser(model, self.diffusion, prediction(self.params.diffusion.target),
                             learn_sigma=self.learn_sigma, cfg_scale=ev.cfg_scale,
                             null_class=self.info.num_classes if self.info.num_classes > 0 else None,
-                            autocast=None if self.precision.name == "fp32" else self.precision.autocast(self.device))
+                            autocast=self.precision.autocast(self.device))
         if labels is None:
             labels = balanced_labels(n, self.info.num_classes, self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)

@@ -21,10 +21,9 @@ REQUESTABLE = ("auto", "fp32", "bf16", "fp16")
 
 @dataclass(frozen=True)
 class Precision:
-    """What runs (`name`: fp32 | bf16 | fp16), what was asked for, and why the two relate."""
+    """What runs (`name`: fp32 | bf16 | fp16) and why (`reason`, naming what was asked for)."""
 
     name: str
-    requested: str
     reason: str
 
     def autocast(self, device: torch.device | str) -> contextlib.AbstractContextManager:
@@ -74,22 +73,22 @@ def resolve_precision(requested: str, device: torch.device | str, *, key: str = 
         native = torch.cuda.is_bf16_supported(including_emulation=False)
         if requested == "auto":
             if native:
-                return Precision("bf16", requested, "auto: the GPU computes in bf16")
-            return Precision("fp16", requested, "auto: the GPU has no bf16, fp16 with a grad scaler")
-        return Precision(requested, requested, f"set by {key}")
+                return Precision("bf16", "auto: the GPU computes in bf16")
+            return Precision("fp16", "auto: the GPU has no bf16, fp16 with a grad scaler")
+        return Precision(requested, f"set by {key}")
     if requested == "fp16":
         raise ValueError(f"{key}: 'fp16' needs a CUDA device; on CPU use 'auto', 'bf16' or 'fp32'")
     support = cpu_bf16_support()
     have = [name for name, ok in support.items() if ok]
     if requested == "auto":
         if have:
-            return Precision("bf16", requested, f"auto: the CPU has {' and '.join(have)}")
-        return Precision("fp32", requested, "auto: the CPU has neither avx512_bf16 nor amx_bf16, bf16 is emulated")
+            return Precision("bf16", f"auto: the CPU has {' and '.join(have)}")
+        return Precision("fp32", "auto: the CPU has neither avx512_bf16 nor amx_bf16, bf16 is emulated")
     if requested == "bf16" and not have:
         _warn_once(f"{key}: bf16 on a CPU without avx512_bf16 or amx_bf16 is emulated, typically 8-10x slower "
                    f"than fp32; set {key}: auto (or fp32)")
-        return Precision("bf16", requested, f"set by {key}; emulated on this CPU (no avx512_bf16 or amx_bf16)")
-    return Precision(requested, requested, f"set by {key}")
+        return Precision("bf16", f"set by {key}; emulated on this CPU (no avx512_bf16 or amx_bf16)")
+    return Precision(requested, f"set by {key}")
 
 
 _warned: set[str] = set()

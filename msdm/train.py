@@ -236,7 +236,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
                             label_dropout=params.model.label_dropout, null_class=null_class)
     # resolved on the worker: it, not the machine that read params.yaml, has the device
     precision = resolve_precision(tc.precision, device, key="train.precision")
-    autocast = None if precision.name == "fp32" else precision.autocast(device)
+    autocast = precision.autocast(device)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_grad_scaler else None
     gen = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
 

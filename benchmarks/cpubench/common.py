@@ -229,7 +229,7 @@ class BareTrainer:
         self.sqrt_ab = diffusion.sqrt_alphas_cumprod.float()
         self.sqrt_1m_ab = diffusion.sqrt_one_minus_alphas_cumprod.float()
         precision = resolve_precision(tc.precision, "cpu", key="train.precision")
-        self.autocast = None if precision.name == "fp32" else precision.autocast("cpu")
+        self.autocast = precision.autocast("cpu")  # a null context for fp32
         self.ema_decay, self.grad_clip = tc.ema_decay, tc.grad_clip
         self.label_dropout, self.null_class = params.model.label_dropout, info.num_classes
 
