@@ -31,7 +31,8 @@ STRATEGIES = ("const", "min_snr", "learned", "dysigma", "dysigma_min_snr", "soft
 DATASETS = ("fashion_mnist", "cifar10", "celeba", "lsun_bedroom", "lsun_church", "imagenet")
 PRESETS = ("vit-tiny", "vit-small", "vit-b", "vit-l", "vit-xl")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: msdm.precision picks per device
-SAMPLERS = ("ddim", "ddpm")
+SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
+SPACINGS = ("leading", "linspace", "trailing", "karras")  # timestep grids, see msdm.sampling.timestep_grid
 EXTRACTORS = ("featurenet", "inception-v3-compat")
 
 
@@ -119,8 +120,10 @@ class EvalConfig:
     every: int = _f(1000, min=1, doc="steps between FID evaluations of the EMA weights")
     num_samples: int = _f(1000, min=2)
     final_num_samples: int = _f(5000, min=2)
-    sampler: str = _f("ddim", choices=SAMPLERS)
-    sampling_steps: int = _f(50, min=1)
+    sampler: str = _f("dpmpp_2m", choices=SAMPLERS)
+    sampling_steps: int = _f(20, min=1)
+    spacing: str = _f("leading", choices=SPACINGS, doc="timestep grid; leading never calls the model at T-1")
+    clip_x0: bool = _f(True, doc="clamp x0 to the per-channel range of the training latents")
     eta: float = _f(0.0, min=0.0, max=1.0)
     cfg_scale: float = _f(1.0, min=0.0)
     batch_size: int = _f(500, min=1)
@@ -280,6 +283,8 @@ def _cross_checks(p: Params) -> None:
          "train.precision: 'fp16' needs train.use_gpu: true (use 'auto', 'bf16' or 'fp32' on CPU)")
     need(p.eval.sampling_steps <= p.diffusion.timesteps,
          f"eval.sampling_steps: {p.eval.sampling_steps} exceeds diffusion.timesteps {p.diffusion.timesteps}")
+    need(p.eval.eta == 0 or p.eval.sampler == "ddim",
+         f"eval.eta: {p.eval.eta} only applies to eval.sampler 'ddim' (got {p.eval.sampler!r}); set it to 0")
     need(len(p.sweep.strategies) >= 1, "sweep.strategies: expected at least one strategy")
     for s in p.sweep.strategies:
         need(s in STRATEGIES, f"sweep.strategies: got {s!r}, expected each of {', '.join(STRATEGIES)}")

@@ -44,7 +44,8 @@ class SampleGenerator:
         denoiser = Denoiser(model, self.diffusion, prediction(self.params.diffusion.target),
                             learn_sigma=self.learn_sigma, cfg_scale=ev.cfg_scale,
                             null_class=self.info.num_classes if self.info.num_classes > 0 else None,
-                            autocast=self.precision.autocast(self.device))
+                            autocast=self.precision.autocast(self.device),
+                            x0_range=self.store.normalized_range() if ev.clip_x0 else None)
         if labels is None:
             labels = balanced_labels(n, self.info.num_classes, self.device)
         g = torch.Generator(device=self.device).manual_seed(seed)
@@ -55,7 +56,7 @@ class SampleGenerator:
             b = min(ev.batch_size, n - start)
             y = labels[start:start + b] if labels is not None else None
             out.append(sample(denoiser, (b, self.info.channels, self.info.size, self.info.size), labels=y,
-                              steps=ev.sampling_steps, sampler=ev.sampler, eta=ev.eta, generator=g,
+                              steps=ev.sampling_steps, sampler=ev.sampler, eta=ev.eta, spacing=ev.spacing, generator=g,
                               device=self.device))
         model.train(was_training)
         return torch.cat(out)
@@ -63,9 +64,14 @@ class SampleGenerator:
     @torch.inference_mode()
     def images(self, model: nn.Module, n: int, *, seed: int, labels: Tensor | None = None) -> Tensor:
         """uint8 images [n, C, H, W]."""
+        return self.decode(self.latents(model, n, seed=seed, labels=labels))
+
+    @torch.inference_mode()
+    def decode(self, z: Tensor) -> Tensor:
+        """Normalised latents [n, K*C, h, w] -> uint8 images [n, C, H, W]."""
         from .data import to_uint8
 
-        z = self.latents(model, n, seed=seed, labels=labels)
+        n = z.shape[0]
         z = self.store.denormalize(z.cpu()).to(self.device)
         images = []
         for start in range(0, n, self.params.eval.batch_size):

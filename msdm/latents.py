@@ -29,7 +29,7 @@ import torch
 
 from msdm.io import CorruptFileError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: meta.json records the per-channel min/max
 META_NAME = "meta.json"
 FIX = "Rebuild the latents: dvc repro -f encode"
 
@@ -58,12 +58,16 @@ class _ChannelMoments:
         self.count = 0
         self.sum = np.zeros(channels, dtype=np.float64)
         self.sum_sq = np.zeros(channels, dtype=np.float64)
+        self.min = np.full(channels, np.inf)
+        self.max = np.full(channels, -np.inf)
 
     def update(self, z: np.ndarray) -> None:
         z64 = z.astype(np.float64, copy=False)
         self.count += z.shape[0] * z.shape[2] * z.shape[3]
         self.sum += z64.sum(axis=(0, 2, 3))
         self.sum_sq += np.square(z64).sum(axis=(0, 2, 3))
+        self.min = np.minimum(self.min, z64.min(axis=(0, 2, 3)))
+        self.max = np.maximum(self.max, z64.max(axis=(0, 2, 3)))
 
     def mean_std(self) -> tuple[list[float], list[float]]:
         mean = self.sum / self.count
@@ -192,6 +196,9 @@ class LatentStoreWriter:
             "stats_split": "train",
             "mean": mean,
             "std": std,
+            # per-channel range of the raw train latents: the sampler's x0 clamp
+            "min": self.train_moments.min.tolist(),
+            "max": self.train_moments.max.tolist(),
             "splits": self.splits,
             "extra": self.extra,
         }
@@ -238,7 +245,7 @@ def write_latents(out_dir: str | Path, splits: Mapping[str, tuple[Iterable, torc
 
 
 _REQUIRED_META = ("format", "K", "C", "h", "w", "num_classes",
-                  "autoencoder_kind", "mean", "std", "splits")
+                  "autoencoder_kind", "mean", "std", "min", "max", "splits")
 
 
 class LatentStore:
@@ -260,9 +267,9 @@ class LatentStore:
         if meta["format"] != FORMAT_VERSION:
             raise LatentStoreError(f"{meta_path}: format {meta['format']!r}, this code reads {FORMAT_VERSION}. {FIX}")
         c = meta["K"] * meta["C"]
-        if len(meta["mean"]) != c or len(meta["std"]) != c:
-            raise LatentStoreError(f"{meta_path}: mean/std have {len(meta['mean'])}/{len(meta['std'])} entries, "
-                                   f"expected K*C = {c}. {FIX}")
+        for key in ("mean", "std", "min", "max"):
+            if not isinstance(meta[key], list) or len(meta[key]) != c:
+                raise LatentStoreError(f"{meta_path}: {key} must list K*C = {c} numbers. {FIX}")
         self.meta = meta
         self.mean = torch.tensor(meta["mean"], dtype=torch.float32)
         self.std = torch.tensor(meta["std"], dtype=torch.float32)
@@ -343,6 +350,12 @@ class LatentStore:
             raise ValueError(f"latents of shape {tuple(z.shape)}, expected [B, {self.mean.numel()}, h, w]")
         shape = (1, -1, 1, 1)
         return self.mean.to(z.device, z.dtype).view(shape), self.std.to(z.device, z.dtype).view(shape)
+
+    def normalized_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-channel (min, max) of the normalised train latents, each of shape [K*C]."""
+        lo = (torch.tensor(self.meta["min"], dtype=torch.float32) - self.mean) / self.std
+        hi = (torch.tensor(self.meta["max"], dtype=torch.float32) - self.mean) / self.std
+        return lo, hi
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         """Raw codec latents -> per-channel zero mean, unit std (train statistics)."""

@@ -49,11 +49,14 @@ def body(params: Params, args) -> None:
     n = params.eval.final_num_samples
     evaluator = FIDEvaluator(gen, str(FID_REF), params.fid.extractor, weights, n, params.eval.seed)
     final = evaluator(model, int(state["step"]))
-    baseline = evaluator(untrained, 0)
+    # the untrained model is a reference point hundreds of FID away: eval.num_samples suffice
+    baseline = FIDEvaluator(gen, str(FID_REF), params.fid.extractor, weights, params.eval.num_samples,
+                            params.eval.seed)(untrained, 0)
     metrics = {
         "fid": final["fid"], "metric": final["metric"], "extractor": params.fid.extractor,
-        "fid_untrained": baseline["fid"], "num_samples": n, "sampler": params.eval.sampler,
-        "sampling_steps": params.eval.sampling_steps, "eta": params.eval.eta, "cfg_scale": params.eval.cfg_scale,
+        "fid_untrained": baseline["fid"], "num_samples": n, "num_samples_untrained": params.eval.num_samples, "sampler": params.eval.sampler,
+        "sampling_steps": params.eval.sampling_steps, "spacing": params.eval.spacing,
+        "clip_x0": params.eval.clip_x0, "eta": params.eval.eta, "cfg_scale": params.eval.cfg_scale,
         "step": int(state["step"]), "strategy": params.weighting.strategy, **gen.precision.as_metrics(),
     }
     atomic_write_json(metrics, METRICS)

@@ -70,6 +70,10 @@ def test_normalisation_uses_train_statistics(store_dir):
     # The test split is normalised with the train statistics, not its own.
     zt, _ = store.load("test")
     assert torch.allclose(zt, (raw - store.mean.view(1, -1, 1, 1)) / store.std.view(1, -1, 1, 1))
+    # The sampler's x0 clamp: the per-channel range of the normalised train latents, no more.
+    lo, hi = store.normalized_range()
+    torch.testing.assert_close(lo, zn.amin(dim=(0, 2, 3)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(hi, zn.amax(dim=(0, 2, 3)), atol=1e-5, rtol=0)
 
 
 def test_truncated_shard_gives_clear_error(store_dir):

@@ -150,17 +150,35 @@ def test_presets_construct_with_the_specified_sizes():
 
 
 # ---------------------------------------------------------------------------- samplers
-@pytest.mark.parametrize("timesteps,steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 1), (10, 7), (1000, 999)])
-def test_timestep_grid_properties(timesteps, steps):
-    grid = timestep_grid(timesteps, steps)
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("timesteps,steps", [(1000, 50), (1000, 1000), (1000, 2), (1000, 1), (10, 7), (1000, 999),
+                                             (1000, 15)])
+def test_timestep_grid_properties(spacing, timesteps, steps):
+    grid = timestep_grid(timesteps, steps, spacing)
     assert len(grid) == steps == len(set(grid))
-    assert grid[0] == timesteps - 1  # sampling starts from pure noise
     assert all(isinstance(t, int) and 0 <= t < timesteps for t in grid)
     assert all(a > b for a, b in zip(grid, grid[1:]))
-    if steps > 1:
-        assert grid[-1] == 0
-        gaps = [a - b for a, b in zip(grid, grid[1:])]
-        assert max(gaps) - min(gaps) <= 1  # evenly spaced up to rounding
+    if steps == 1:
+        assert grid == [timesteps - 1]  # one step goes from pure noise to x0
+        return
+    gaps = [a - b for a, b in zip(grid, grid[1:])]
+    assert max(gaps) - min(gaps) <= 1  # evenly spaced up to rounding
+    if spacing == "leading":  # guided-diffusion's ddimN / diffusers' leading: 0, T//S, ..
+        assert grid[-1] == 0 and grid[0] == (steps - 1) * (timesteps // steps)
+        if timesteps // steps > 1:
+            assert grid[0] < timesteps - 1  # the model is never asked for x0 at T-1
+    elif spacing == "linspace":
+        assert grid[0] == timesteps - 1 and grid[-1] == 0
+    else:
+        assert grid[0] == timesteps - 1 and grid[-1] == round(timesteps / steps) - 1
+
+
+def test_timestep_grid_known_values():
+    assert timestep_grid(1000, 5, "leading") == [800, 600, 400, 200, 0]
+    assert timestep_grid(1000, 5, "trailing") == [999, 799, 599, 399, 199]
+    assert timestep_grid(1000, 5, "linspace") == [999, 749, 500, 250, 0]
+    with pytest.raises(ValueError, match="eval.spacing"):
+        timestep_grid(1000, 5, "uniform")
 
 
 def test_timestep_grid_refuses_bad_step_counts():
@@ -191,11 +209,12 @@ def data():
     return torch.randn(4, 3, 6, 6, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 @pytest.mark.parametrize("target", ["x0", "eps", "v"])
 @pytest.mark.parametrize("steps", [1, 10, 50])
-def test_ddim_eta0_with_oracle_returns_the_data(data, target, steps):
+def test_deterministic_samplers_with_oracle_return_the_data(data, sampler, target, steps):
     den = Denoiser(oracle(data, target), DIFFUSION, target, learn_sigma=False)
-    out = sample(den, tuple(data.shape), labels=None, steps=steps, sampler="ddim", eta=0.0,
+    out = sample(den, tuple(data.shape), labels=None, steps=steps, sampler=sampler, eta=0.0,
                  generator=torch.Generator().manual_seed(1))
     # One eps step goes straight from t=999, where x0 = (x - s eps) / sqrt(ab) divides float32
     # rounding by sqrt(ab) ~ 5e-5; with more steps the last step (at t=0) sets the precision.
@@ -236,7 +255,8 @@ def test_ddpm_step_noise_follows_the_learned_variance(var_value):
     calls = []
     den = Denoiser(oracle(zeros, "x0", var_value, calls), DIFFUSION, "x0", learn_sigma=var_value is not None)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(6))
-    sample(den, shape, labels=None, steps=2, sampler="ddpm", noise=x_T, generator=torch.Generator().manual_seed(7))
+    sample(den, shape, labels=None, steps=2, sampler="ddpm", spacing="linspace", noise=x_T,
+           generator=torch.Generator().manual_seed(7))
     assert [c[1][0].item() for c in calls] == [999, 0]
     ab, ab_prev = DIFFUSION.alphas_cumprod[999].item(), DIFFUSION.alphas_cumprod[0].item()
     beta = 1 - ab / ab_prev
@@ -299,6 +319,61 @@ def test_cfg_without_labels_is_unguided():
     torch.testing.assert_close(x0, model(x, t, None))
 
 
+def gaussian_oracle(target: str, mu: float, s: float):
+    """The exact model for data N(mu, s^2) per element: E[x0 | x_t] in closed form, as `target`."""
+    def fn(x, t, y):
+        a = DIFFUSION.sqrt_alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        sig = DIFFUSION.sqrt_one_minus_alphas_cumprod[t].float().view(-1, 1, 1, 1)
+        x0 = mu + a * s * s / (a * a * s * s + sig * sig) * (x - a * mu)
+        return {"x0": x0, "eps": (x - a * x0) / sig, "v": (a * x - x0) / sig}[target]
+    return fn
+
+
+@pytest.mark.parametrize("target", ["x0", "eps", "v"])
+def test_dpmpp_2m_solves_the_gaussian_flow_at_second_order(target):
+    """Data N(mu, s^2): the probability-flow ODE maps x_t = a mu + sqrt(a^2 s^2 + sigma^2) z to the
+    same z at every t, so the exact end point is known. Doubling the steps must cut DDIM's error
+    by ~2 (first order) and DPM-Solver++(2M)'s by ~4 (second order)."""
+    mu, s = 0.5, 0.3
+    z = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    ab = DIFFUSION.alphas_cumprod
+    errors = {}
+    for steps in (100, 200):
+        grid = timestep_grid(T, steps, "leading")
+        a, sig = ab[grid[0]].sqrt().item(), (1 - ab[grid[0]]).sqrt().item()
+        x_start = a * mu + math.sqrt(a * a * s * s + sig * sig) * z
+        # the samplers end with the x0 prediction at the grid's last point (t = 0)
+        a0, sig0 = ab[grid[-1]].sqrt().item(), (1 - ab[grid[-1]]).sqrt().item()
+        exact = mu + a0 * s * s / math.sqrt(a0 * a0 * s * s + sig0 * sig0) * z
+        for sampler in ("ddim", "dpmpp_2m"):
+            den = Denoiser(gaussian_oracle(target, mu, s), DIFFUSION, target, learn_sigma=False)
+            out = sample(den, tuple(z.shape), labels=None, steps=steps, sampler=sampler, noise=x_start)
+            errors[sampler, steps] = (out - exact).abs().max().item()
+    assert 1.6 < errors["ddim", 100] / errors["ddim", 200] < 2.5
+    assert errors["dpmpp_2m", 100] / errors["dpmpp_2m", 200] > 3.2
+    assert errors["dpmpp_2m", 200] < errors["ddim", 200] / 3
+
+
+def test_dpmpp_2m_ignores_a_learned_variance(data):
+    """The ODE has no noise: variance channels are dropped, the result is the unlearned one."""
+    plain = sample(Denoiser(oracle(data, "eps"), DIFFUSION, "eps", learn_sigma=False), tuple(data.shape),
+                   labels=None, steps=10, sampler="dpmpp_2m", noise=torch.ones(data.shape))
+    learned = sample(Denoiser(oracle(data, "eps", 0.7), DIFFUSION, "eps", learn_sigma=True), tuple(data.shape),
+                     labels=None, steps=10, sampler="dpmpp_2m", noise=torch.ones(data.shape))
+    assert torch.equal(plain, learned)
+
+
+def test_x0_clamp_is_per_channel_and_applies_to_every_target():
+    x, t = torch.randn(4, 2, 3, 3) * 50, torch.full((4,), 999)
+    lo, hi = torch.tensor([-1.0, -3.0]), torch.tensor([2.0, 0.5])
+    for target in ("x0", "eps", "v"):
+        free, _ = Denoiser(toy_model(), DIFFUSION, target, learn_sigma=False)(x, t, None)
+        clamped, _ = Denoiser(toy_model(), DIFFUSION, target, learn_sigma=False, x0_range=(lo, hi))(x, t, None)
+        for c in range(2):
+            torch.testing.assert_close(clamped[:, c], free[:, c].clamp(lo[c].item(), hi[c].item()))
+        assert (free.amax(dim=(0, 2, 3)) > hi).any()  # the clamp had something to do
+
+
 def test_sample_refuses_unknown_sampler(data):
     den = Denoiser(oracle(data, "x0"), DIFFUSION, "x0", learn_sigma=False)
     with pytest.raises(ValueError, match="ddim"):
@@ -308,7 +383,7 @@ def test_sample_refuses_unknown_sampler(data):
 def test_sample_with_a_real_vit_and_guidance_is_finite():
     model = randomise_head(tiny_vit(learn_sigma=True)).eval()
     den = Denoiser(model, DIFFUSION, "x0", learn_sigma=True, cfg_scale=2.0, null_class=model.null_class)
-    for sampler in ("ddim", "ddpm"):
+    for sampler in ("ddim", "ddpm", "dpmpp_2m"):
         out = sample(den, (2, 12, 8, 8), labels=torch.tensor([1, 2]), steps=5, sampler=sampler,
                      generator=torch.Generator().manual_seed(0))
         assert out.shape == (2, 12, 8, 8) and torch.isfinite(out).all()
