@@ -31,6 +31,7 @@ STRATEGIES = ("const", "min_snr", "learned", "dysigma", "dysigma_min_snr", "soft
 DATASETS = ("fashion_mnist", "cifar10", "celeba", "lsun_bedroom", "lsun_church", "imagenet")
 PRESETS = ("vit-tiny", "vit-small", "vit-b", "vit-l", "vit-xl")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: msdm.precision picks per device
+TARGETS = ("x0", "eps", "v")  # what the backbone predicts; msdm.diffusion.prediction(name)
 SAMPLERS = ("ddim", "ddpm", "dpmpp_2m")
 SPACINGS = ("leading", "linspace", "trailing", "karras")  # timestep grids, see msdm.sampling.timestep_grid
 EXTRACTORS = ("featurenet", "inception-v3-compat")
@@ -73,7 +74,7 @@ class EncodeConfig:
 class DiffusionConfig:
     timesteps: int = _f(1000, min=2, max=100000)
     schedule: str = _f("cosine", choices=("cosine", "linear"))
-    target: str = _f("x0", choices=("x0", "eps", "v"))
+    target: str = _f("x0", choices=TARGETS)
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,11 @@ class FeatureNetConfig:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    strategies: list = _f(["const", "min_snr", "learned", "dysigma", "dysigma_min_snr"])
-    seeds: list = _f([0, 1])
-    steps: int = _f(1200, min=1)
-    eval_every: int = _f(200, min=1)
+    strategies: list = _f(["const", "min_snr", "dysigma"])
+    targets: list = _f(["x0", "eps", "v"], doc="prediction targets; each compared with const of the same target")
+    seeds: list = _f([0, 1, 2])
+    steps: int = _f(400, min=1)
+    eval_every: int = _f(100, min=1)
     num_samples: int = _f(500, min=2)
     preset: str = _f("vit-tiny", choices=PRESETS)
     cpus_per_trial: int = _f(1, min=1)
@@ -290,6 +292,9 @@ def _cross_checks(p: Params) -> None:
         need(s in STRATEGIES, f"sweep.strategies: got {s!r}, expected each of {', '.join(STRATEGIES)}")
     need("const" in p.sweep.strategies, "sweep.strategies: must include 'const', the speedup baseline")
     need(len(set(p.sweep.strategies)) == len(p.sweep.strategies), "sweep.strategies: duplicate entries")
+    need(len(p.sweep.targets) >= 1 and all(t in TARGETS for t in p.sweep.targets),
+         f"sweep.targets: got {p.sweep.targets!r}, expected a non-empty list of {', '.join(TARGETS)}")
+    need(len(set(p.sweep.targets)) == len(p.sweep.targets), "sweep.targets: duplicate entries")
     need(len(p.sweep.seeds) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                                          for s in p.sweep.seeds),
          f"sweep.seeds: got {p.sweep.seeds!r}, expected a non-empty list of non-negative integers")

@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-TARGETS = ("x0", "eps", "v")
+from .config import TARGETS
 
 
 def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:

@@ -1,7 +1,8 @@
-"""Ray Tune sweep over weighting strategies x seeds with one identical training recipe.
+"""Ray Tune sweep over weighting strategies x prediction targets x seeds, one training recipe.
 
 Each trial is a Tune driver function that runs the per-worker loop of the `train` stage
-directly (single-worker trials), with only `weighting.strategy` and the seed changed. The
+directly (single-worker trials), with only `weighting.strategy`, `diffusion.target` and the
+seed changed. The
 sweep resumes with `Tuner.restore` after an interruption; every trial resumes from its
 last reported checkpoint.
 """
@@ -27,9 +28,10 @@ class SweepFailedError(PipelineError):
     pass
 
 
-def trial_params(params: Params, strategy: str) -> Params:
-    """The train recipe with the sweep's strategy; the sweep's model preset and budget apply."""
+def trial_params(params: Params, strategy: str, target: str) -> Params:
+    """The train recipe with the sweep's strategy and target; the sweep's preset and budget apply."""
     p = replace(params, "weighting", strategy=strategy)
+    p = replace(p, "diffusion", target=target)
     p = replace(p, "model", preset=params.sweep.preset)
     # report (and checkpoint) at every evaluation so an interrupted trial loses no eval
     return replace(p, "train", checkpoint_every=params.sweep.eval_every, num_workers=1, use_gpu=False)
@@ -41,8 +43,8 @@ def trial_overrides(params: Params, seed: int) -> RunOverrides:
                         num_samples=s.num_samples)
 
 
-def trial_dir(out_dir: Path, strategy: str, seed: int) -> Path:
-    return out_dir / "trials" / f"{strategy}-seed{seed}"
+def trial_dir(out_dir: Path, strategy: str, target: str, seed: int) -> Path:
+    return out_dir / "trials" / f"{strategy}-{target}-seed{seed}"
 
 
 class TuneHooks:
@@ -88,8 +90,8 @@ def _trial(config: dict) -> None:
 
     torch.set_num_threads(assigned_cpu_threads())
     base = params_from_dict(config["params"])
-    params = trial_params(base, config["strategy"])
-    out = trial_dir(Path(config["out_dir"]), config["strategy"], config["seed"])
+    params = trial_params(base, config["strategy"], config["target"])
+    out = trial_dir(Path(config["out_dir"]), config["strategy"], config["target"], config["seed"])
     paths = RunPaths(**{**config["paths"], "curve": str(out / "curve.csv")})
     run_worker(params, paths, trial_overrides(base, config["seed"]), TuneHooks(), progress=False)
 
@@ -118,7 +120,8 @@ def run_sweep(params: Params, paths: RunPaths, out_dir: Path, latents_dir: Path)
     if "://" not in storage:
         storage = str(Path(storage).resolve())
     trainable = tune.with_resources(_trial, {"cpu": s.cpus_per_trial})
-    space = {"strategy": tune.grid_search(list(s.strategies)), "seed": tune.grid_search(list(s.seeds)),
+    space = {"strategy": tune.grid_search(list(s.strategies)), "target": tune.grid_search(list(s.targets)),
+             "seed": tune.grid_search(list(s.seeds)),
              "params": to_dict(params), "paths": paths.resolved().__dict__, "out_dir": str(out_dir)}
     experiment = f"{storage}/{name}"
     start = time.perf_counter()
@@ -132,7 +135,7 @@ def run_sweep(params: Params, paths: RunPaths, out_dir: Path, latents_dir: Path)
                                       failure_config=tune.FailureConfig(max_failures=params.train.max_failures)),
         )
     grid = tuner.fit()
-    print(f"sweep: {len(s.strategies) * len(s.seeds)} trials in {time.perf_counter() - start:.0f}s")
+    print(f"sweep: {len(s.strategies) * len(s.targets) * len(s.seeds)} trials in {time.perf_counter() - start:.0f}s")
     if grid.errors:
         first = grid.errors[0]
         raise SweepFailedError(f"{len(grid.errors)} sweep trial(s) failed; first error: "
@@ -145,26 +148,27 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
     frames, rows = [], []
     for result in grid:
         cfg = result.config
-        strategy, seed = cfg["strategy"], cfg["seed"]
-        curve_path = trial_dir(out_dir, strategy, seed) / "curve.csv"
+        strategy, target, seed = cfg["strategy"], cfg["target"], cfg["seed"]
+        curve_path = trial_dir(out_dir, strategy, target, seed) / "curve.csv"
         curve = pd.read_csv(curve_path)
         curve.insert(0, "seed", seed)
+        curve.insert(0, "target", target)
         curve.insert(0, "strategy", strategy)
         frames.append(curve)
         last = curve.iloc[-1]
         reported = result.metrics or {}
-        rows.append({"strategy": strategy, "seed": seed, "status": "ok",
+        rows.append({"strategy": strategy, "target": target, "seed": seed, "status": "ok",
                      "final_fid": float(last["fid"]), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
                      "seconds": round(float(reported.get("time_total_s", float("nan"))), 1),
                      "precision": reported.get("precision", ""), "error": ""})
-    curves = pd.concat(frames, ignore_index=True).sort_values(["strategy", "seed", "step"])
+    curves = pd.concat(frames, ignore_index=True).sort_values(["target", "strategy", "seed", "step"])
     outputs = SweepOutputs(curves=out_dir / "curves.csv", trials=out_dir / "trials.csv")
     with atomic_path(outputs.curves) as tmp:
         curves.to_csv(tmp, index=False)
     with atomic_path(outputs.trials) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows(sorted(rows, key=lambda r: (r["strategy"], r["seed"])))
+        w.writerows(sorted(rows, key=lambda r: (r["target"], r["strategy"], r["seed"])))
     return outputs
 

@@ -1,13 +1,19 @@
 """`python -m stages.report`: speedup table and convergence plots from the strategy sweep.
 
 Reads  results/sweep/curves.csv, results/sweep/trials.csv, params.yaml (diffusion.timesteps)
-Writes metrics/speedup.json, results/report/speedup.csv, plots/convergence.png, plots/weights.png
+Writes metrics/speedup.json (numbers: per target and strategy the geometric-mean speedup and
+       its bootstrap 95% interval; per claim and target a verdict code, 1 reproduced,
+       0 inconclusive, -1 contradicted at this budget), results/report/speedup.json (the same
+       with per-seed values and the verdict sentences), results/report/speedup.csv,
+       docs/results.md (the results page) with its figures docs/results/convergence.png (one
+       panel per target), docs/results/speedups.png and docs/results/weights.png
 
-The maths lives in pipeline.convergence; this file only reads, plots and writes.
+The maths lives in analysis.convergence and the figures in analysis.plots; this file reads and writes.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -15,106 +21,86 @@ import matplotlib
 
 matplotlib.use("Agg")  # headless: the stage runs under dvc/CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from msdm.config import ConfigError, load_params  # noqa: E402
 from msdm.io import atomic_path, atomic_write_json  # noqa: E402
-from pipeline.convergence import (  # noqa: E402
+from analysis.convergence import (  # noqa: E402
+    CLAIM_NAMES,
     PAPER_SPEEDUPS,
+    VERDICT_CODES,
     SweepResultsError,
-    bucket_centres,
-    mean_curves,
-    paper_comparison,
+    claim_verdict,
+    interval_text,
     read_sweep,
     speedup_frame,
     speedup_table,
-    strategy_order,
-    weight_columns,
-    weight_profiles,
+    split_by_target,
 )
+from analysis.page import results_markdown  # noqa: E402
+from analysis.plots import convergence_figure, speedup_figure, weights_figure  # noqa: E402
 
 BASELINE = "const"
 
 
-def build_metrics(table: dict, metric: str) -> dict:
-    dysigma_ok, dysigma_verdict = paper_comparison(table, "dysigma", PAPER_SPEEDUPS["dysigma"])
-    min_snr_ok, min_snr_verdict = paper_comparison(table, "min_snr", PAPER_SPEEDUPS["min_snr"])
-    return {
-        **table,
-        "metric": metric,
-        "paper_dysigma_speedup": PAPER_SPEEDUPS["dysigma"],
-        "min_snr_paper_speedup": PAPER_SPEEDUPS["min_snr"],
-        "dysigma_reproduces_paper": dysigma_ok,
-        "dysigma_reproduces_paper_verdict": dysigma_verdict,
-        "min_snr_reproduces_paper": min_snr_ok,
-        "min_snr_reproduces_paper_verdict": min_snr_verdict,
-    }
+def budget_of(curves: pd.DataFrame) -> dict:
+    return {"steps": int(curves["step"].max()), "seeds": int(curves["seed"].nunique()),
+            "evals": int(curves.groupby(["strategy", "seed"])["step"].nunique().max())}
 
 
-def strategy_colors(strategies: list[str]) -> dict[str, tuple]:
-    palette = plt.get_cmap("tab10").colors
-    return {s: palette[i % len(palette)] for i, s in enumerate(strategies)}
+def build_report(tables: dict[str, dict], budgets: dict[str, dict], metric: str) -> tuple[dict, dict]:
+    """(metrics: numbers only, for `dvc metrics`/`dvc exp show`; report: everything, with sentences)."""
+    metrics = {"metric": metric, "speedup": {}, "verdict": {}}
+    report = {"metric": metric, "baseline": BASELINE, "budgets": budgets, "tables": tables, "claims": []}
+    for target, table in tables.items():
+        metrics["speedup"][target] = {
+            strategy: {"geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+                       "seeds_reached": e["reached"], "seeds": e["n_seeds"]}
+            for strategy, e in table["strategies"].items() if strategy != table["baseline"]}
+    for strategy, claimed in PAPER_SPEEDUPS.items():
+        for target, table in tables.items():
+            entry = table["strategies"].get(strategy)
+            verdict = claim_verdict(entry, claimed)
+            if verdict is None:
+                continue
+            metrics["verdict"].setdefault(strategy, {})[target] = VERDICT_CODES[verdict]
+            b = budgets[target]
+            report["claims"].append({
+                "strategy": strategy, "claim": CLAIM_NAMES[strategy], "claimed": claimed, "target": target,
+                "verdict": verdict, "code": VERDICT_CODES[verdict], "budget": b,
+                "text": (f"{CLAIM_NAMES[strategy]} {claimed}x vs const, target {target}: {verdict} "
+                         f"at {b['steps']} steps x {b['seeds']} seeds; measured {interval_text(entry)}"
+                         f" ({entry['summary']})")})
+    return metrics, report
 
 
-def plot_convergence(curves: pd.DataFrame, table: dict, metric: str, path: Path) -> None:
-    strategies = strategy_order(curves, table["baseline"])
-    colors = strategy_colors(strategies)
-    means = mean_curves(curves)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
-    for strategy in strategies:
-        curve = means[means["strategy"] == strategy]
-        summary = table["strategies"][strategy]["summary"]
-        label = f"{strategy} (baseline)" if strategy == table["baseline"] else f"{strategy}: {summary}"
-        ax.plot(curve["step"], curve["fid_mean"], marker="o", ms=3, color=colors[strategy], label=label)
-        ax.fill_between(curve["step"], curve["fid_min"], curve["fid_max"], color=colors[strategy], alpha=0.15)
-    targets = [t["target_fid"] for t in table["targets"]]
-    if len(targets) == 1:
-        target_label = f"target = {table['baseline']} final {metric} (seed {table['targets'][0]['seed']}): {targets[0]:.3g}"
-    else:
-        target_label = (f"target = {table['baseline']} final {metric}, mean of {len(targets)} "
-                        f"per-seed targets: {np.mean(targets):.3g}")
-    ax.axhline(np.mean(targets), color="black", linestyle="--", linewidth=1, label=target_label)
-    ax.set_xscale("log")
-    ax.set_xlabel("training step (log scale)")
-    ax.set_ylabel(metric)
-    n_seeds = curves.groupby("strategy")["seed"].nunique().max()
-    ax.set_title(f"{metric} vs step: mean over seeds, band = min-max over seeds (up to {n_seeds})\n"
-                 f"speedup vs {table['baseline']} to reach the target")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    _save_figure(fig, path)
+def run_description(params) -> dict:
+    """What the results page names as its source: commit, machine, and the settings it ran."""
+    import os
+    import subprocess
 
-
-def plot_weights(curves: pd.DataFrame, baseline: str, timesteps: int, path: Path) -> None:
-    strategies = strategy_order(curves, baseline)
-    colors = strategy_colors(strategies)
-    profiles = weight_profiles(curves)
-    centres = bucket_centres(len(weight_columns(curves)), timesteps)
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120, sharey=True)
-    masked_any = False
-    for ax, (phase, title) in zip(axes, (("early", "first eval (early)"), ("late", "last eval (late)"))):
-        phase_rows = profiles[profiles["phase"] == phase]
-        for strategy in strategies:
-            rows = phase_rows[phase_rows["strategy"] == strategy].sort_values("bucket")
-            weight = rows["weight"].to_numpy(dtype=float)
-            # A log axis cannot show w <= 0 (dysigma is ~0 at low t); such points are left out.
-            positive = np.where(weight > 0, weight, np.nan)
-            masked_any |= bool(np.any(weight <= 0))
-            ax.plot(centres, positive, marker="o", ms=3, color=colors[strategy],
-                    label=f"{strategy} (step {rows['steps'].iloc[0]})")
-        ax.set_yscale("log")
-        ax.set_xlabel(f"t (bucket centres, T = {timesteps})")
-        ax.set_title(f"{title}: mean over seeds")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("mean loss weight per t-bucket (log scale)")
-    if masked_any:
-        fig.text(0.01, 0.01, "weights <= 0 are not drawn on the log axis", fontsize=8)
-    fig.suptitle("Effective loss weight vs timestep, early and late in training")
-    fig.tight_layout()
-    _save_figure(fig, path)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    model = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
+    ev = params.eval
+    return {"commit": commit, "machine": f"{model}, {os.cpu_count()} cores ({isa})",
+            "sweep": dataclasses.asdict(params.sweep), "batch_size": params.train.batch_size,
+            "lr": params.train.lr, "sampler": f"{ev.sampler} {ev.sampling_steps} steps ({ev.spacing} grid"
+                                              f"{', x0 clamp' if ev.clip_x0 else ''})"}
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -130,28 +116,40 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--params", default="params.yaml", help="reads diffusion.timesteps")
     parser.add_argument("--sweep-dir", default="results/sweep", help="holds curves.csv and trials.csv")
-    parser.add_argument("--metrics", default="metrics/speedup.json")
+    parser.add_argument("--metrics", default="metrics/speedup.json", help="numbers only: speedups, intervals, verdicts")
+    parser.add_argument("--report", default="results/report/speedup.json", help="the full tables and verdict lines")
     parser.add_argument("--table", default="results/report/speedup.csv", help="tidy per-seed speedups")
-    parser.add_argument("--plots-dir", default="plots")
+    parser.add_argument("--plots-dir", default="docs/results", help="the figures of the results page")
+    parser.add_argument("--page", default="docs/results.md", help="the results page")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
     # All inputs are read and checked before anything is written.
     curves, metric = read_sweep(args.sweep_dir)
-    table = speedup_table(curves, baseline=BASELINE)
-    metrics = build_metrics(table, metric)
+    by_target = split_by_target(curves)
+    tables = {t: speedup_table(c, baseline=BASELINE) for t, c in by_target.items()}
+    metrics, report = build_report(tables, {t: budget_of(c) for t, c in by_target.items()}, metric)
 
     plots_dir = Path(args.plots_dir)
-    plot_convergence(curves, table, metric, plots_dir / "convergence.png")
-    plot_weights(curves, BASELINE, params.diffusion.timesteps, plots_dir / "weights.png")
-    _write_csv(speedup_frame(table), Path(args.table))
+    _save_figure(convergence_figure(by_target, tables, metric), plots_dir / "convergence.png")
+    _save_figure(speedup_figure(tables, metric), plots_dir / "speedups.png")
+    target = next(iter(by_target))  # x0 when the sweep ran it
+    _save_figure(weights_figure(by_target[target], BASELINE, params.diffusion.timesteps, target),
+                 plots_dir / "weights.png")
+    frames = [speedup_frame(table).assign(target=t) for t, table in tables.items()]
+    _write_csv(pd.concat(frames, ignore_index=True), Path(args.table))
+    atomic_write_json(report, args.report)
+    with atomic_path(Path(args.page)) as tmp:
+        Path(tmp).write_text(results_markdown(report, run_description(params)) + "\n")
     atomic_write_json(metrics, args.metrics)
-    for strategy, entry in table["strategies"].items():
-        print(f"{strategy:>16}: {entry['summary']}")
-    print(f"dysigma vs paper ({PAPER_SPEEDUPS['dysigma']}x): {metrics['dysigma_reproduces_paper_verdict']}")
-    return metrics
+    for target, table in tables.items():
+        for strategy, entry in table["strategies"].items():
+            print(f"{target:>4} {strategy:>16}: {interval_text(entry)}; {entry['summary']}")
+    for claim in report["claims"]:
+        print(f"verdict: {claim['text']}")
+    return report
 
 
 if __name__ == "__main__":

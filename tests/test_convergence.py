@@ -14,10 +14,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.convergence import (
+from analysis.convergence import (
     SweepResultsError,
     bucket_centres,
-    paper_comparison,
+    claim_verdict,
+    interval_text,
     mean_curves,
     read_sweep,
     speedup_frame,
@@ -227,8 +228,7 @@ def test_baseline_that_never_improves_makes_the_seed_inconclusive():
     assert seed1["status"] == "inconclusive" and seed1["speedup"] is None
     assert dysigma["summary"] == ">= 6.00x (1/2 seeds; 1 a lower bound; 1 inconclusive: the baseline did not improve)"
     assert table["strategies"]["const"]["per_seed"][1]["status"] == "inconclusive"
-    ok, verdict = paper_comparison(table, "dysigma", 3.7)
-    assert ok is None and verdict.startswith("inconclusive")
+    assert claim_verdict(dysigma, 3.7) == "inconclusive"
 
 
 def test_every_seed_inconclusive_reads_inconclusive_not_not_reached():
@@ -237,19 +237,57 @@ def test_every_seed_inconclusive_reads_inconclusive_not_not_reached():
     assert x["summary"].startswith("inconclusive (0/1 seeds") and x["mean"] is None
 
 
-def test_first_eval_reach_is_a_lower_bound_in_the_paper_verdict():
+def test_lower_bounds_settle_a_claim_only_from_above():
     steps = [100, 200, 400, 800]
-    rows = curve_rows("const", 0, steps, [40.0, 30.0, 25.0, 20.0]) \
-        + curve_rows("dysigma", 0, steps, [19.0, 15.0, 12.0, 10.0]) \
-        + curve_rows("min_snr", 0, steps, [45.0, 20.0, 15.0, 12.0])
+    rows = []
+    for seed in (0, 1):
+        rows += curve_rows("const", seed, steps, [40.0, 30.0, 25.0, 20.0]) \
+            + curve_rows("dysigma", seed, steps, [19.0, 15.0, 12.0, 10.0]) \
+            + curve_rows("min_snr", seed, steps, [45.0, 20.0, 15.0, 12.0])
     table = speedup_table(pd.DataFrame(rows))
-    ok, verdict = paper_comparison(table, "dysigma", 3.7)  # >= 8x: a bound above the claim still settles it
-    assert ok is True and verdict.startswith("yes: >= 8.00x")
-    ok, verdict = paper_comparison(table, "dysigma", 9.0)  # a bound below the claim settles nothing
-    assert ok is None and "lower bound below 9.0x" in verdict
-    ok, verdict = paper_comparison(table, "min_snr", 3.4)  # reached at step 200 by interpolation: 4x
-    assert ok is True and table["strategies"]["min_snr"]["per_seed"][0]["status"] == "reached"
-    assert paper_comparison(table, "learned", 1.0)[0] is None  # not in the sweep
+    dysigma = table["strategies"]["dysigma"]  # reached by the first eval: >= 8x on both seeds
+    assert dysigma["ci_low"] == pytest.approx(8.0) and dysigma["ci_high"] is None
+    assert claim_verdict(dysigma, 3.7) == "reproduced"  # a bound above the claim settles it
+    assert claim_verdict(dysigma, 9.0) == "inconclusive"  # a bound below the claim settles nothing
+    min_snr = table["strategies"]["min_snr"]  # reached at step 200 by interpolation: 4x on both seeds
+    assert min_snr["per_seed"][0]["status"] == "reached"
+    assert (min_snr["ci_low"], min_snr["ci_high"]) == pytest.approx((4.0, 4.0))
+    assert claim_verdict(min_snr, 3.4) == "reproduced" and claim_verdict(min_snr, 4.5) == "contradicted at this budget"
+    assert claim_verdict(table["strategies"].get("learned"), 1.0) is None  # not in the sweep
+
+
+def test_interval_is_a_bootstrap_over_seeds_in_log_space(sweep):
+    fast = speedup_table(sweep)["strategies"]["fast"]  # 2x, 3x, 4x
+    assert fast["geo_mean"] == pytest.approx(24 ** (1 / 3))
+    # P(a resample is all one seed) = 1/27 > 2.5%, so the percentile ends are the extreme seeds
+    assert (fast["ci_low"], fast["ci_high"]) == pytest.approx((2.0, 4.0))
+    assert (fast["ci_level"], fast["ci_seeds"]) == (0.95, 3)
+    assert interval_text(fast) == "2.88x [2.00, 4.00] 95% CI over 3 seeds"
+    assert claim_verdict(fast, 3.7) == "reproduced"  # the interval contains the claim
+    assert claim_verdict(fast, 1.5) == "reproduced"  # the interval lies above it
+    assert claim_verdict(fast, 4.5) == "contradicted at this budget"
+
+
+def test_not_reached_is_censored_never_a_number(sweep):
+    table = speedup_table(sweep)
+    slow = table["strategies"]["slow"]
+    # not reached by step 4000: the speedup is below 4000 / 4000 on every seed
+    assert [e["speedup_upper_bound"] for e in slow["per_seed"]] == [1.0, 1.0, 1.0]
+    assert slow["geo_mean"] is None and slow["ci_low"] is None and slow["ci_high"] == pytest.approx(1.0)
+    assert claim_verdict(slow, 3.7) == "inconclusive"  # always, when a seed did not reach
+    partial = table["strategies"]["partial"]  # 2x on seed 0, not reached on seeds 1 and 2
+    assert partial["ci_low"] is None and partial["ci_high"] == pytest.approx(2.0)
+    assert claim_verdict(partial, 1.5) == "inconclusive"
+    missing = table["strategies"]["missing"]  # no curve for seed 2
+    assert claim_verdict(missing, 1.5) == "inconclusive"
+
+
+def test_one_seed_gives_no_interval_and_no_verdict():
+    rows = curve_rows("const", 0, EVAL_STEPS, log_linear_fid(EVAL_STEPS, 100.0)) \
+        + curve_rows("fast", 0, EVAL_STEPS, log_linear_fid(EVAL_STEPS, 100.0, rate=3))
+    fast = speedup_table(pd.DataFrame(rows))["strategies"]["fast"]
+    assert fast["geo_mean"] == pytest.approx(3.0) and fast["ci_low"] is fast["ci_high"] is None
+    assert claim_verdict(fast, 3.0) == "inconclusive"
 
 
 def test_summarize_speedups_counts_none_as_not_reached():
@@ -302,29 +340,31 @@ def test_weight_profiles_pick_first_and_last_eval_and_average_seeds():
 # ----------------------------------------------------------------------------- report stage
 
 def write_synthetic_sweep(sweep_dir: Path, buckets: int = 10) -> None:
-    """const, min_snr (2x), dysigma (4x), learned (never reaches); 2 seeds."""
+    """Targets x0 and eps; const, min_snr (2x), dysigma (4x), learned (never reaches); 2 seeds.
+    On eps every strategy but const is 1.5x slower than on x0's rates."""
     rates = {"const": 1.0, "min_snr": 2.0, "dysigma": 4.0, "learned": 0.5}
     centres = bucket_centres(buckets, 1000)
     rows = []
-    for seed in (0, 1):
-        for strategy, rate in rates.items():
-            fids = log_linear_fid(EVAL_STEPS, 150.0 + seed, rate)
-            for i, (step, fid) in enumerate(zip(EVAL_STEPS, fids)):
-                late = i / (len(EVAL_STEPS) - 1)
-                weights = {
-                    "const": np.ones(buckets),
-                    "min_snr": np.minimum(np.exp(8 - centres / 80), 5.0),
-                    "dysigma": np.clip(centres / 1000, 0, 1) ** (1 + late) * (centres > 100),
-                    "learned": np.exp(np.sin(centres / 300) * late),
-                }[strategy]
-                rows.append({"strategy": strategy, "seed": seed, "step": step, "fid": fid, "loss": 0.1,
-                             **{f"w_t{b}": w for b, w in enumerate(weights)}})
+    for target, factor in (("x0", 1.0), ("eps", 1 / 1.5)):
+        for seed in (0, 1):
+            for strategy, rate in rates.items():
+                fids = log_linear_fid(EVAL_STEPS, 150.0 + seed, rate * (factor if strategy != "const" else 1.0))
+                for i, (step, fid) in enumerate(zip(EVAL_STEPS, fids)):
+                    late = i / (len(EVAL_STEPS) - 1)
+                    weights = {
+                        "const": np.ones(buckets),
+                        "min_snr": np.minimum(np.exp(8 - centres / 80), 5.0),
+                        "dysigma": np.clip(centres / 1000, 0, 1) ** (1 + late) * (centres > 100),
+                        "learned": np.exp(np.sin(centres / 300) * late),
+                    }[strategy]
+                    rows.append({"strategy": strategy, "target": target, "seed": seed, "step": step, "fid": fid,
+                                 "loss": 0.1, **{f"w_t{b}": w for b, w in enumerate(weights)}})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(sweep_dir / "curves.csv", index=False)
     pd.DataFrame([
-        {"strategy": s, "seed": seed, "status": "ok", "final_fid": 0.0, "metric": "fid_featurenet",
+        {"strategy": s, "target": t, "seed": seed, "status": "ok", "final_fid": 0.0, "metric": "fid_featurenet",
          "steps": 4000, "seconds": 1.0, "error": ""}
-        for s in rates for seed in (0, 1)
+        for s in rates for t in ("x0", "eps") for seed in (0, 1)
     ]).to_csv(sweep_dir / "trials.csv", index=False)
 
 
@@ -337,34 +377,54 @@ def report_paths(tmp_path):
 
 def report_args(root: Path) -> list[str]:
     return ["--params", str(root / "params.yaml"), "--sweep-dir", str(root / "sweep"),
-            "--metrics", str(root / "metrics/speedup.json"), "--table", str(root / "report/speedup.csv"),
-            "--plots-dir", str(root / "plots")]
+            "--metrics", str(root / "metrics/speedup.json"), "--report", str(root / "report/speedup.json"),
+            "--table", str(root / "report/speedup.csv"), "--plots-dir", str(root / "plots"),
+            "--page", str(root / "results.md")]
 
 
-def test_report_stage_writes_json_table_and_plots(report_paths):
+def numbers_only(value) -> bool:
+    if isinstance(value, dict):
+        return all(numbers_only(v) for v in value.values())
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def test_report_stage_writes_numbers_verdicts_table_and_plots(report_paths, capsys):
     from stages.report import main
 
     main(report_args(report_paths))
     metrics = json.loads((report_paths / "metrics/speedup.json").read_text())
     assert metrics["metric"] == "fid_featurenet"
-    assert metrics["baseline"] == "const"
-    assert [t["target_fid"] for t in metrics["targets"]] == pytest.approx(
-        [150.0 - 10 * math.log(4000), 151.0 - 10 * math.log(4000)])
-    strategies = metrics["strategies"]
-    assert strategies["dysigma"]["mean"] == pytest.approx(4.0)
-    assert strategies["min_snr"]["summary"] == "2.00x ± 0.00 (2/2 seeds)"
-    assert strategies["learned"]["summary"] == "not reached (0/2 seeds)"
-    assert strategies["learned"]["mean"] is None
-    assert metrics["paper_dysigma_speedup"] == 3.7 and metrics["min_snr_paper_speedup"] == 3.4
-    assert metrics["dysigma_reproduces_paper"] is True
-    assert metrics["dysigma_reproduces_paper_verdict"].startswith("yes: 4.00x")
-    assert metrics["min_snr_reproduces_paper"] is False
+    assert numbers_only({k: v for k, v in metrics.items() if k != "metric"})  # sentences go elsewhere
+    x0, eps = metrics["speedup"]["x0"], metrics["speedup"]["eps"]
+    assert set(x0) == {"min_snr", "dysigma", "learned"}  # const is the baseline of its own target
+    assert x0["dysigma"]["geo_mean"] == pytest.approx(4.0) and eps["dysigma"]["geo_mean"] == pytest.approx(4 / 1.5)
+    assert (x0["dysigma"]["ci_low"], x0["dysigma"]["ci_high"]) == pytest.approx((4.0, 4.0))
+    assert x0["learned"]["geo_mean"] is None and x0["learned"]["seeds_reached"] == 0
+    # the rule: 4.0 >= 3.7 reproduced; 2.67 < 3.7 contradicted; 2.0 < 3.4 contradicted; learned absent
+    assert metrics["verdict"] == {"dysigma": {"x0": 1, "eps": -1}, "min_snr": {"x0": -1, "eps": -1}}
+
+    report = json.loads((report_paths / "report/speedup.json").read_text())
+    assert report["budgets"]["x0"] == {"steps": 4000, "seeds": 2, "evals": 8}
+    texts = [c["text"] for c in report["claims"]]
+    assert any(t.startswith("MSDM Dy-Sigma, the authors' code 3.7x vs const, target x0: reproduced at 4000 steps x 2 seeds")
+               for t in texts), texts
+    out = capsys.readouterr().out
+    assert out.count("verdict: ") == 4 and "contradicted at this budget" in out
+    # the results page shows the same numbers, and says which run they come from
+    page = (report_paths / "results.md").read_text()
+    assert "| MSDM Dy-Sigma, the authors' code | x0 | 3.7x | 4.00x [4.00, 4.00] 95% CI over 2 seeds | 2/2 | " \
+           "**reproduced** |" in page
+    assert "| Min-SNR-5 (Hang et al. 2023) | eps | 3.4x | 1.33x [1.33, 1.33] 95% CI over 2 seeds | 2/2 | " \
+           "**contradicted at this budget** |" in page
+    assert "| learned | – | [–, 1.00] | <1.00, <1.00 |" in page
+    assert re.search(r"commit `[0-9a-f]{7,}`", page) and "cores (" in page
 
     table = pd.read_csv(report_paths / "report/speedup.csv")
     assert set(table["strategy"]) == {"const", "min_snr", "dysigma", "learned"}
+    assert set(table["target"]) == {"x0", "eps"}
     assert table.loc[table["strategy"] == "learned", "speedup"].isna().all()
 
-    for name in ("convergence.png", "weights.png"):
+    for name in ("convergence.png", "speedups.png", "weights.png"):  # the page's figures
         path = report_paths / "plots" / name
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         image = matplotlib.image.imread(path)
@@ -374,20 +434,24 @@ def test_report_stage_writes_json_table_and_plots(report_paths):
         assert path.stat().st_size > 20_000
 
 
-def test_report_stage_without_dysigma_says_not_run(report_paths):
-    from stages.report import build_metrics
+def test_report_without_a_claimed_strategy_gives_it_no_verdict(report_paths):
+    from stages.report import build_report, budget_of
 
     curves, metric = read_sweep(report_paths / "sweep")
-    metrics = build_metrics(speedup_table(curves[curves["strategy"] != "dysigma"]), metric)
-    assert metrics["dysigma_reproduces_paper"] is None
-    assert metrics["dysigma_reproduces_paper_verdict"].startswith("not run")
+    curves = curves[(curves["strategy"] != "dysigma") & (curves["target"] == "x0")].drop(columns="target")
+    metrics, report = build_report({"x0": speedup_table(curves)}, {"x0": budget_of(curves)}, metric)
+    assert "dysigma" not in metrics["verdict"] and set(metrics["verdict"]) == {"min_snr"}
+    assert all(c["strategy"] != "dysigma" for c in report["claims"])
 
 
 def test_read_sweep_refuses_missing_columns(tmp_path):
     tmp_path.joinpath("curves.csv").write_text("strategy,seed,step\nconst,0,100\n")
     with pytest.raises(SweepResultsError, match=r"missing column\(s\) \['fid'\].*dvc repro sweep"):
         read_sweep(tmp_path)
-    tmp_path.joinpath("curves.csv").write_text("strategy,seed,step,fid,w_t1\nconst,0,100,3.0,1.0\n")
+    tmp_path.joinpath("curves.csv").write_text("strategy,seed,step,fid,w_t0\nconst,0,100,3.0,1.0\n")
+    with pytest.raises(SweepResultsError, match=r"\['target'\].*dvc repro sweep"):
+        read_sweep(tmp_path)
+    tmp_path.joinpath("curves.csv").write_text("strategy,target,seed,step,fid,w_t1\nconst,x0,0,100,3.0,1.0\n")
     with pytest.raises(SweepResultsError, match="w_t0"):
         read_sweep(tmp_path)
 

@@ -23,13 +23,13 @@ def write_results(results_dir: Path) -> None:
     for seed in (0, 1):
         for strategy, rate in rates.items():
             for i, step in enumerate(STEPS):
-                rows.append({"strategy": strategy, "seed": seed, "step": step,
+                rows.append({"strategy": strategy, "target": "x0", "seed": seed, "step": step,
                              "fid": 120.0 + seed - 10 * np.log(rate * step), "loss": 0.05,
                              # 0 at the lowest bucket: the log-axis plot must cope with it
                              **{f"w_t{b}": b * (1 + i) / BUCKETS for b in range(BUCKETS)}})
     results_dir.mkdir(parents=True)
     pd.DataFrame(rows).to_csv(results_dir / "curves.csv", index=False)
-    pd.DataFrame([{"strategy": s, "seed": seed, "status": "ok", "final_fid": 1.0, "metric": "fid_featurenet",
+    pd.DataFrame([{"strategy": s, "target": "x0", "seed": seed, "status": "ok", "final_fid": 1.0, "metric": "fid_featurenet",
                    "steps": STEPS[-1], "seconds": 1.0, "error": ""} for s in rates for seed in (0, 1)]
                  ).to_csv(results_dir / "trials.csv", index=False)
 
@@ -58,8 +58,9 @@ def test_notebook_runs_on_sweep_results(tmp_path):
     text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.outputs)
     assert f"KERNEL_PREFIX={sys.prefix}" in text
     assert "metric 'fid_featurenet'" in text
-    assert "dysigma: 2.00x ± 0.00 (2/2 seeds)" in text
-    assert "learned: not reached (0/2 seeds)" in text
+    assert "x0          dysigma: 2.00x [2.00, 2.00] 95% CI over 2 seeds; 2.00x ± 0.00 (2/2 seeds)" in text
+    assert "learned: no mean (censored seeds) [0, 1.00] 95% CI over 2 seeds; not reached (0/2 seeds)" in text
+    assert "MSDM Dy-Sigma, the authors' code 3.7x, target x0: contradicted at this budget" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # speedup bars, convergence curves, weight dynamics
     html = [o["data"]["text/html"] for c in nb.cells if c.cell_type == "code"

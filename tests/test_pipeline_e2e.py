@@ -51,11 +51,15 @@ def test_every_output_is_written(repo):
     assert ev["fid"] > 0 and ev["fid_untrained"] > 0 and ev["num_samples"] == 40
     assert curve_steps(repo / "results/train/curve.csv") == [4, 8, 12]
     speed = load(repo, "metrics/speedup.json")
-    assert {s["strategy"] if isinstance(s, dict) else s for s in speed["strategies"]} >= {"const", "dysigma"}
+    assert set(speed["speedup"]) == {"x0"} and set(speed["speedup"]["x0"]) == {"dysigma"}
+    assert set(speed["verdict"]["dysigma"]) == {"x0"} and speed["verdict"]["dysigma"]["x0"] == 0  # one seed
     with open(repo / "results/sweep/curves.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {(r["strategy"], int(r["step"])) for r in rows} == {(s, k) for s in ("const", "dysigma") for k in (4, 8)}
-    for png in ("plots/reconstructions.png", "plots/samples.png", "plots/convergence.png", "plots/weights.png"):
+    assert {(r["strategy"], r["target"], int(r["step"])) for r in rows} == {
+        (s, "x0", k) for s in ("const", "dysigma") for k in (4, 8)}
+    assert "## Verdicts" in (repo / "docs/results.md").read_text()
+    for png in ("plots/reconstructions.png", "plots/samples.png", "docs/results/convergence.png",
+                "docs/results/speedups.png", "docs/results/weights.png"):
         assert (repo / png).stat().st_size > 5000, png
     assert (repo / "data/latents/meta.json").is_file()
 
@@ -87,7 +91,7 @@ def test_param_change_reruns_only_downstream(repo):
 
 
 # What a sweep trial sets itself (pipeline.sweep.trial_params / trial_overrides) or never reads.
-SWEEP_IGNORES = {"weighting": {"strategy"}, "model": {"preset"},
+SWEEP_IGNORES = {"diffusion": {"target"}, "weighting": {"strategy"}, "model": {"preset"},
                  "train": {"steps", "seed", "checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker"},
                  "eval": {"every", "num_samples", "final_num_samples"}}
 
@@ -113,10 +117,11 @@ def test_trial_recipe_does_not_depend_on_the_ignored_params():
         p = replace(p, "train", steps=0, seed=0, cpus_per_worker=1)
         return replace(p, "eval", every=1, num_samples=2, final_num_samples=2)
 
+    changed = replace(changed, "diffusion", target="eps")
     for strategy in ("const", "dysigma"):
         assert trial_overrides(base, 0) == trial_overrides(changed, 0)
-        assert blank_loop_overridden(trial_params(base, strategy)) == blank_loop_overridden(
-            trial_params(changed, strategy))
+        assert blank_loop_overridden(trial_params(base, strategy, "v")) == blank_loop_overridden(
+            trial_params(changed, strategy, "v"))
 
 
 def test_strategy_or_train_length_change_does_not_rerun_the_sweep(repo):
@@ -161,7 +166,7 @@ def test_sigkill_during_train_resumes_from_checkpoint(repo):
 
 def test_failed_sweep_trial_fails_the_stage(repo):
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["sweep"].update(seeds=[5])  # a new experiment, not a restore of the finished one
+    params["sweep"].update(seeds=[5], targets=["x0"])  # a new experiment, not a restore of the finished one
     params["train"].update(max_failures=0)  # the injected error is deterministic: no retries to wait for
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     e = env()
