@@ -40,6 +40,7 @@ def convergence_figure(curves_by_target: dict[str, pd.DataFrame], tables: dict[s
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("training step (log scale)")
