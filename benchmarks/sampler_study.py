@@ -92,10 +92,12 @@ def train_const(params, latents, labels, info, target: str, steps: int):
     return p, captured["state"]
 
 
-def study(p, store, info, state, label: str, samples: int, ws: Path, only: list[str]) -> dict:
+def study(p, store, info, state, label: str, samples: int, ws: Path, only: list[str], *,
+          preset: str | None = None) -> dict:
+    """FID of every variant on one model; `preset` is the backbone it was trained with (None: model.preset)."""
     from msdm.train import build_model
 
-    model = build_model(p, info, preset=p.sweep.preset if "const" in label else None).backbone.eval()
+    model = build_model(p, info, preset=preset).backbone.eval()
     model.load_state_dict(state)
     rows = {}
     for v in VARIANTS:
@@ -183,7 +185,8 @@ def main() -> int:
                 torch.save(state, cached)
         print(f"trained const/{target} for {a.train_steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
         label = f"const {target} step {a.train_steps}"
-        record["models"][label] = study(p, store, info, state, label, a.samples, ws, a.only)
+        record["models"][label] = study(p, store, info, state, label, a.samples, ws, a.only,
+                                       preset=params.sweep.preset)
     record["seconds"] = time.perf_counter() - start
     out = a.out or Path(__file__).parent / "records" / f"sampler-study-{machine.microarchitecture}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

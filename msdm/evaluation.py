@@ -56,8 +56,8 @@ class SampleGenerator:
             b = min(ev.batch_size, n - start)
             y = labels[start:start + b] if labels is not None else None
             out.append(sample(denoiser, (b, self.info.channels, self.info.size, self.info.size), labels=y,
-                              steps=ev.sampling_steps, sampler=ev.sampler, eta=ev.eta, spacing=ev.spacing, generator=g,
-                              device=self.device))
+                              steps=ev.sampling_steps, sampler=ev.sampler, eta=ev.eta, spacing=ev.spacing,
+                              generator=g, device=self.device))
         model.train(was_training)
         return torch.cat(out)
 

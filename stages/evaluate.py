@@ -47,14 +47,17 @@ def body(params: Params, args) -> None:
     gen = SampleGenerator(params, store, str(AUTOENCODER), info)
     weights = str(FEATURENET) if params.fid.extractor == "featurenet" else params.fid.weights_path
     n = params.eval.final_num_samples
-    evaluator = FIDEvaluator(gen, str(FID_REF), params.fid.extractor, weights, n, params.eval.seed)
-    final = evaluator(model, int(state["step"]))
+
+    def evaluator(num_samples: int) -> FIDEvaluator:
+        return FIDEvaluator(gen, str(FID_REF), params.fid.extractor, weights, num_samples, params.eval.seed)
+
+    final = evaluator(n)(model, int(state["step"]))
     # the untrained model is a reference point hundreds of FID away: eval.num_samples suffice
-    baseline = FIDEvaluator(gen, str(FID_REF), params.fid.extractor, weights, params.eval.num_samples,
-                            params.eval.seed)(untrained, 0)
+    baseline = evaluator(params.eval.num_samples)(untrained, 0)
     metrics = {
         "fid": final["fid"], "metric": final["metric"], "extractor": params.fid.extractor,
-        "fid_untrained": baseline["fid"], "num_samples": n, "num_samples_untrained": params.eval.num_samples, "sampler": params.eval.sampler,
+        "fid_untrained": baseline["fid"], "num_samples": n,
+        "num_samples_untrained": params.eval.num_samples, "sampler": params.eval.sampler,
         "sampling_steps": params.eval.sampling_steps, "spacing": params.eval.spacing,
         "clip_x0": params.eval.clip_x0, "eta": params.eval.eta, "cfg_scale": params.eval.cfg_scale,
         "step": int(state["step"]), "strategy": params.weighting.strategy, **gen.precision.as_metrics(),
