@@ -109,7 +109,8 @@ def bench_ray(use_gpu: bool, steps: int) -> dict:
 
     from msdm.latents import LatentStoreWriter
     from pipeline.cluster import init_ray
-    from pipeline.trainer import RunOverrides, RunPaths, build_trainer
+    from pipeline.ray_train import build_trainer
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "latents"
@@ -122,10 +123,48 @@ def bench_ray(use_gpu: bool, steps: int) -> dict:
         p = replace(p, "model", preset="vit-small")
         init_ray(p.ray)
         t0 = time.perf_counter()
-        result = build_trainer(p, RunPaths(latents=str(store)), name="gpu-check", overrides=RunOverrides(),
-                               storage_path=str(Path(tmp) / "ray")).fit()
+        spec = RunSpec(params=p, paths=ArtefactPaths(latents=str(store)).resolved(), name="gpu-check",
+                       storage=str(Path(tmp) / "ray"))
+        result = build_trainer(spec).fit()
         return {"use_gpu": use_gpu, "steps": steps, "seconds": time.perf_counter() - t0,
                 "error": repr(result.error) if result.error else None, "metrics": dict(result.metrics or {})}
+
+
+def bench_sweep(use_gpu: bool, steps: int) -> dict:
+    """A real 2-trial Tune sweep (const, dysigma) whose trials are Ray Train runs, on GPUs when asked."""
+    import csv
+
+    import numpy as np
+
+    from msdm.config import update
+    from msdm.latents import LatentStoreWriter
+    from pipeline.cluster import init_ray
+    from pipeline.spec import ArtefactPaths, train_spec
+    from pipeline.sweep import run_sweep
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "latents"
+        with LatentStoreWriter(store, subspaces=3, channels=4, num_classes=10, codec_kind="synthetic") as w:
+            rng = np.random.default_rng(0)
+            w.write_split("train", [rng.standard_normal((512, 12, 8, 8)).astype("float32")],
+                          rng.integers(0, 10, 512))
+        p = update(Params(), {
+            "train": {"batch_size": 64, "precision": "auto"},
+            "sweep": {"strategies": ["const", "dysigma"], "targets": ["x0"], "seeds": [0], "steps": steps,
+                      "eval_every": steps // 2, "preset": "vit-small", "num_workers": 1, "cpus_per_worker": 1,
+                      "use_gpu": use_gpu}})
+        init_ray(p.ray)
+        t0 = time.perf_counter()
+        try:
+            out = run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(Path(tmp) / "ray")),
+                            Path(tmp) / "sweep")
+        except Exception as e:  # noqa: BLE001 - the record says what failed
+            return {"use_gpu": use_gpu, "steps": steps, "seconds": time.perf_counter() - t0, "error": repr(e)[:500]}
+        with open(out.trials, newline="") as fh:
+            trials = list(csv.DictReader(fh))
+        return {"use_gpu": use_gpu, "steps": steps, "seconds": time.perf_counter() - t0, "error": None,
+                "trials": [{k: t[k] for k in ("strategy", "world_size", "steps", "seconds", "precision")}
+                           for t in trials]}
 
 
 def main(argv=None) -> int:
@@ -151,6 +190,7 @@ def main(argv=None) -> int:
         report["fid"] = bench_fid(device, 256)
     if not args.skip_ray:
         report["ray_train"] = bench_ray(cuda, 40 if cuda else 4)
+        report["sweep"] = bench_sweep(cuda, 200 if cuda else 4)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
@@ -166,7 +206,12 @@ def main(argv=None) -> int:
     if "ray_train" in report:
         r = report["ray_train"]
         print(f"Ray Train fit use_gpu={r['use_gpu']}: {r['steps']} steps in {r['seconds']:.1f}s, error={r['error']}")
-    return 0 if not report.get("ray_train", {}).get("error") else 1
+    if "sweep" in report:
+        s = report["sweep"]
+        print(f"Tune sweep, 2 Ray Train trials, use_gpu={s['use_gpu']}: {s['steps']} steps each in "
+              f"{s['seconds']:.1f}s, error={s['error']}, trials={s.get('trials')}")
+    failed = report.get("ray_train", {}).get("error") or report.get("sweep", {}).get("error")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check for one H100/H200 (about 5 minutes): vit-b/2 bf16 throughput and MFU, a Ray
-# Train fit with use_gpu: true, a short FID evaluation on the GPU.
+# GPU check for one H100/H200 (about 6 minutes): vit-b/2 bf16 throughput and MFU, a Ray
+# Train fit with use_gpu: true, a 2-trial Tune sweep whose trials are Ray Train runs with
+# sweep.use_gpu: true (200 steps each), a short FID evaluation on the GPU.
 #
 # On a machine without this project's packages (the lent GPU machine has torch but not Ray),
 # put Python 3.12 wheels of ray, torch-fidelity and their missing dependencies in .whl/

@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 from cpubench.machine import describe_machine  # noqa: E402
-from msdm.config import load_params, replace  # noqa: E402
+from msdm.config import load_params, replace, update  # noqa: E402
 
 # (label, sampler, steps, spacing, clip_x0)
 VARIANTS = [
@@ -79,7 +79,8 @@ def train_const(params, latents, labels, info, target: str, steps: int):
 
     p = replace(params, "diffusion", target=target)
     p = replace(p, "weighting", strategy="const")
-    p = replace(p, "train", checkpoint_every=10 ** 9)
+    p = update(p, {"train": {"checkpoint_every": 10 ** 9, "steps": steps, "seed": 0},
+                   "eval": {"every": steps}, "model": {"preset": params.sweep.preset}})
     captured = {}
 
     def keep(ema_model, step):
@@ -87,17 +88,15 @@ def train_const(params, latents, labels, info, target: str, steps: int):
             captured["state"] = {k: v.clone() for k, v in ema_model.state_dict().items()}
         return {}
 
-    train_loop(p, latents, labels, info, evaluate=keep, steps=steps, eval_every=steps,
-               preset=params.sweep.preset, seed=0, progress=False)
+    train_loop(p, latents, labels, info, evaluate=keep, progress=False)
     return p, captured["state"]
 
 
-def study(p, store, info, state, label: str, samples: int, ws: Path, only: list[str], *,
-          preset: str | None = None) -> dict:
-    """FID of every variant on one model; `preset` is the backbone it was trained with (None: model.preset)."""
+def study(p, store, info, state, label: str, samples: int, ws: Path, only: list[str]) -> dict:
+    """FID of every variant on one model, trained with params `p`."""
     from msdm.train import build_model
 
-    model = build_model(p, info, preset=preset).backbone.eval()
+    model = build_model(p, info).backbone.eval()
     model.load_state_dict(state)
     rows = {}
     for v in VARIANTS:
@@ -185,8 +184,7 @@ def main() -> int:
                 torch.save(state, cached)
         print(f"trained const/{target} for {a.train_steps} steps in {time.perf_counter() - t0:.0f}s", flush=True)
         label = f"const {target} step {a.train_steps}"
-        record["models"][label] = study(p, store, info, state, label, a.samples, ws, a.only,
-                                       preset=params.sweep.preset)
+        record["models"][label] = study(p, store, info, state, label, a.samples, ws, a.only)
     record["seconds"] = time.perf_counter() - start
     out = a.out or Path(__file__).parent / "records" / f"sampler-study-{machine.microarchitecture}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -18,10 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdm.config import load_params, replace  # noqa: E402
+from msdm.config import load_params, replace, update  # noqa: E402
 from msdm.train import TrainHooks  # noqa: E402
-from pipeline.runs import run_paths  # noqa: E402
-from pipeline.trainer import RunOverrides, run_worker  # noqa: E402
+from pipeline.ray_train import run_worker  # noqa: E402
+from pipeline.spec import RunSpec, repo_paths  # noqa: E402
 
 
 def main() -> int:
@@ -38,12 +38,13 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     p = load_params()
     p = replace(p, "weighting", strategy=a.strategy)
-    p = replace(p, "train", batch_size=a.batch, lr=a.lr, ema_decay=a.ema, checkpoint_every=10**9)
+    p = update(p, {"train": {"batch_size": a.batch, "lr": a.lr, "ema_decay": a.ema, "checkpoint_every": 10**9,
+                             "steps": a.steps},
+                   "eval": {"every": max(1, a.steps // 6), "num_samples": a.samples}, "model": {"preset": a.preset}})
     out = Path("results/pilot") / f"{a.strategy}.csv"
-    paths = run_paths(Path("data/latents"), out)
+    spec = RunSpec(params=p, paths=repo_paths(curve=out), name=f"pilot-{a.strategy}", storage="")
     start = time.perf_counter()
-    result = run_worker(p, paths, RunOverrides(steps=a.steps, eval_every=max(1, a.steps // 6), preset=a.preset,
-                                               num_samples=a.samples), TrainHooks(), progress=False)
+    result = run_worker(spec, TrainHooks(), progress=False)
     print(f"{a.strategy} {a.preset} batch {a.batch} lr {a.lr} ema {a.ema}: {time.perf_counter() - start:.0f}s, "
           f"{result.images_per_second:.0f} img/s")
     for row in result.curve:

@@ -157,7 +157,10 @@ class SweepConfig:
     eval_every: int = _f(100, min=1)
     num_samples: int = _f(500, min=2)
     preset: str = _f("vit-tiny", choices=PRESETS)
-    cpus_per_trial: int = _f(1, min=1)
+    # per-trial resources: every trial is a Ray Train run like `train`, with these workers
+    num_workers: int = _f(1, min=1, max=4096, doc="Ray Train workers per trial (DDP when > 1)")
+    cpus_per_worker: int = _f(1, min=1, max=512)
+    use_gpu: bool = _f(False, doc="one GPU per worker")
 
 
 @dataclass(frozen=True)
@@ -287,6 +290,10 @@ def _cross_checks(p: Params) -> None:
          f"eval.sampling_steps: {p.eval.sampling_steps} exceeds diffusion.timesteps {p.diffusion.timesteps}")
     need(p.eval.eta == 0 or p.eval.sampler == "ddim",
          f"eval.eta: {p.eval.eta} only applies to eval.sampler 'ddim' (got {p.eval.sampler!r}); set it to 0")
+    need(p.train.batch_size % p.sweep.num_workers == 0,
+         f"train.batch_size: {p.train.batch_size} is not divisible by sweep.num_workers {p.sweep.num_workers}")
+    need(p.train.precision != "fp16" or p.sweep.use_gpu,
+         "train.precision: 'fp16' needs sweep.use_gpu: true as well (the sweep's trials train in it)")
     need(len(p.sweep.strategies) >= 1, "sweep.strategies: expected at least one strategy")
     for s in p.sweep.strategies:
         need(s in STRATEGIES, f"sweep.strategies: got {s!r}, expected each of {', '.join(STRATEGIES)}")
@@ -327,8 +334,14 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 
 def replace(p: Params, section: str, **changes) -> Params:
     """A copy of `p` with fields of one section changed, re-validated."""
+    return update(p, {section: changes})
+
+
+def update(p: Params, changes: dict[str, dict]) -> Params:
+    """A copy of `p` with fields of several sections changed, validated once."""
     raw = to_dict(p)
-    raw[section].update(changes)
+    for section, fields in changes.items():
+        raw[section].update(fields)
     return params_from_dict(raw)
 
 

@@ -96,9 +96,9 @@ class FIDEvaluator:
         return {"fid": result["value"], "metric": result["name"]}
 
 
-def build_evaluator(params: Params, store: "LatentStore", paths, *, num_samples: int | None,
+def build_evaluator(params: Params, store: "LatentStore", *, autoencoder: str, featurenet: str, fid_ref: str,
                     device, info: "LatentInfo") -> FIDEvaluator:
-    gen = SampleGenerator(params, store, paths.autoencoder, info, device=device)
-    weights = paths.featurenet if params.fid.extractor == "featurenet" else params.fid.weights_path
-    return FIDEvaluator(gen, paths.fid_ref, params.fid.extractor, weights,
-                        num_samples or params.eval.num_samples, params.eval.seed)
+    """FID of `eval.num_samples` samples against `fid_ref`, decoded by the `autoencoder` file."""
+    gen = SampleGenerator(params, store, autoencoder, info, device=device)
+    weights = featurenet if params.fid.extractor == "featurenet" else params.fid.weights_path
+    return FIDEvaluator(gen, fid_ref, params.fid.extractor, weights, params.eval.num_samples, params.eval.seed)

@@ -60,9 +60,9 @@ def latent_info(meta: dict) -> LatentInfo:
     return LatentInfo(channels=k * c, size=int(meta["h"]), subspaces=k, num_classes=classes if classes > 1 else 0)
 
 
-def build_model(params: Params, info: LatentInfo, *, preset: str | None = None) -> DiffusionModel:
+def build_model(params: Params, info: LatentInfo) -> DiffusionModel:
     strategy = build_strategy(params.weighting, info.subspaces)
-    backbone = build_vit(preset or params.model.preset, in_channels=info.channels, image_size=info.size,
+    backbone = build_vit(params.model.preset, in_channels=info.channels, image_size=info.size,
                          patch_size=params.model.patch_size, num_classes=info.num_classes,
                          learn_sigma=strategy.learns_variance)
     return DiffusionModel(backbone, strategy)
@@ -205,25 +205,23 @@ def _maybe_inject_crash(step: int, rank: int) -> None:
 def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                hooks: TrainHooks | None = None,
                evaluate: Callable[[nn.Module, int], dict] | None = None,
-               curve_path: Path | None = None, steps: int | None = None, eval_every: int | None = None,
-               preset: str | None = None, seed: int | None = None, progress: bool = True) -> TrainResult:
+               curve_path: Path | None = None, progress: bool = True) -> TrainResult:
     """Train the diffusion model on normalised latents [N, K*C, h, w] with labels [N].
 
     `evaluate(ema_backbone, step)` returns a dict with at least `fid`; it is called on rank 0
-    every `eval_every` steps and at the end. Checkpoints are reported every
-    `train.checkpoint_every` steps and at the end.
+    every `eval.every` steps and at the end. Checkpoints are reported every
+    `train.checkpoint_every` steps and at the end. Everything else comes from `params`:
+    a sweep trial is the same call with other params.
     """
     hooks = hooks or TrainHooks()
     tc = params.train
-    steps = tc.steps if steps is None else steps
-    eval_every = params.eval.every if eval_every is None else eval_every
-    seed = tc.seed if seed is None else seed
+    steps, eval_every, seed = tc.steps, params.eval.every, tc.seed
     device = hooks.device
     rank, world = hooks.rank, hooks.world_size
     local_batch = tc.batch_size // world
 
     torch.manual_seed(seed)  # identical init on every rank
-    model = build_model(params, info, preset=preset).to(device)
+    model = build_model(params, info).to(device)
     ema = EMA(model.backbone, tc.ema_decay)
     # fused on CPU too: 1.01-1.08x the default per-parameter loop on the 2-core Zen 4 machine
     # (benchmarks/run_all.py --only precision, two runs)
@@ -288,7 +286,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         return {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
                 "pos": pos, "rng": rng, "torch_rng": torch.get_rng_state(),
-                "params": {"strategy": params.weighting.strategy, "preset": preset or params.model.preset}}
+                "params": {"strategy": params.weighting.strategy, "preset": params.model.preset}}
 
     def do_eval() -> dict:
         nonlocal window_steps
@@ -314,7 +312,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     def save_and_report() -> None:
         state = checkpoint_state()
         # resumed_from_step shows a host (and its tests) where this attempt picked the run up
-        metrics = {"step": step, "resumed_from_step": start_step, **precision.as_metrics(),
+        metrics = {"step": step, "resumed_from_step": start_step, "world_size": world, **precision.as_metrics(),
                    "torch_threads": torch.get_num_threads(),
                    "loss": curve.rows[-1]["loss"] if curve.rows else float("nan")}
         if curve.rows and "fid" in curve.rows[-1]:

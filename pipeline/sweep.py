@@ -1,106 +1,105 @@
-"""Ray Tune sweep over weighting strategies x prediction targets x seeds, one training recipe.
+"""Ray Tune sweep over weighting strategies x prediction targets x seeds: every trial is a `train` run.
 
-Each trial is a Tune driver function that runs the per-worker loop of the `train` stage
-directly (single-worker trials), with only `weighting.strategy`, `diffusion.target` and the
-seed changed. The
-sweep resumes with `Tuner.restore` after an interruption; every trial resumes from its
-last reported checkpoint.
+Ray's Train-in-Tune pattern: each trial is a Tune function trainable that derives its
+`RunSpec` from the train stage's (`trial_spec`) and fits the same `TorchTrainer` the train
+stage fits, with the sweep's workers, CPUs and GPUs per trial. Rank 0's reports reach Tune
+through `TuneReportCallback`. The sweep resumes with `Tuner.restore` after an interruption;
+an unfinished trial's Train run resumes from its own last checkpoint (same name, same
+storage), and a finished trial is not run again.
 """
 from __future__ import annotations
 
 import csv
-import tempfile
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from msdm.errors import PipelineError
-from msdm.config import Params, params_from_dict, replace, to_dict
 from msdm.io import atomic_path
 
-from .runs import run_name, storage_for
-from .trainer import RunOverrides, RunPaths, run_worker
+from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec
+
+
+TRIAL_DRIVER_MEMORY = 256 * 1024 ** 2  # bytes: a Tune trial's process, which builds and waits on its trainer
 
 
 class SweepFailedError(PipelineError):
     pass
 
 
-def trial_params(params: Params, strategy: str, target: str) -> Params:
-    """The train recipe with the sweep's strategy and target; the sweep's preset and budget apply."""
-    p = replace(params, "weighting", strategy=strategy)
-    p = replace(p, "diffusion", target=target)
-    p = replace(p, "model", preset=params.sweep.preset)
-    # report (and checkpoint) at every evaluation so an interrupted trial loses no eval
-    return replace(p, "train", checkpoint_every=params.sweep.eval_every, num_workers=1, use_gpu=False)
-
-
-def trial_overrides(params: Params, seed: int) -> RunOverrides:
-    s = params.sweep
-    return RunOverrides(steps=s.steps, eval_every=s.eval_every, preset=s.preset, seed=seed,
-                        num_samples=s.num_samples)
-
-
 def trial_dir(out_dir: Path, strategy: str, target: str, seed: int) -> Path:
-    return out_dir / "trials" / f"{strategy}-{target}-seed{seed}"
+    return out_dir / "trials" / trial_name(strategy, target, seed)
 
 
-class TuneHooks:
-    """TrainHooks for a single-process Tune trial."""
+def sweep_name(spec: RunSpec) -> str:
+    """The Tune experiment's name: a hash of what defines its trials (the grid included).
 
-    rank = 0
-    world_size = 1
+    Hashed from a trial's params, so train fields that every trial overrides (train.steps,
+    train.seed, ...) do not rename the experiment: it is restored, not restarted.
+    """
+    from msdm.config import to_dict
 
-    def __init__(self):
-        import torch
+    params = trial_params(spec.params, "const", spec.params.sweep.targets[0], 0)
+    return f"sweep-{run_digest(params, Path(spec.paths.latents), extra={'sweep': to_dict(params)['sweep']})}"
 
-        self.device = torch.device("cpu")
-        self._tmp = tempfile.TemporaryDirectory(prefix="msdm-trial-")
 
-    def wrap_model(self, model):
-        return model
+def one_trial(spec: RunSpec, out_dir: Path, strategy: str, target: str, seed: int) -> RunSpec:
+    curve = trial_dir(out_dir, strategy, target, seed) / "curve.csv"
+    return trial_spec(spec, strategy, target, seed, curve=str(curve), storage=f"{spec.storage}/{sweep_name(spec)}-runs")
 
-    def resume_checkpoint(self):
-        from ray import tune
 
-        ckpt = tune.get_checkpoint()
-        return Path(ckpt.to_directory(self._tmp.name)) if ckpt is not None else None
-
-    def report(self, metrics, checkpoint_dir):
-        from ray import tune
-
-        checkpoint = tune.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        tune.report(metrics, checkpoint=checkpoint)
-
-    def barrier(self):
-        pass
+def trial_specs(spec: RunSpec, out_dir: Path) -> list[RunSpec]:
+    """Every trial's spec, validated on the driver before Tune starts anything."""
+    s = spec.params.sweep
+    return [one_trial(spec, out_dir, strategy, target, seed)
+            for strategy in s.strategies for target in s.targets for seed in s.seeds]
 
 
 def _trial(config: dict) -> None:
-    """Tune driver function: one (strategy, seed) training run."""
-    import os
+    """Tune function trainable: build and fit this trial's TorchTrainer."""
+    from ray.tune.integration.ray_train import TuneReportCallback
 
-    import torch
+    from .ray_train import fit
 
-    if config["strategy"] in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):
-        raise RuntimeError(f"injected failure in trial {config['strategy']} (MSDM_INJECT_TRIAL_ERROR)")
-    from .cluster import assigned_cpu_threads
-
-    torch.set_num_threads(assigned_cpu_threads())
-    base = params_from_dict(config["params"])
-    params = trial_params(base, config["strategy"], config["target"])
-    out = trial_dir(Path(config["out_dir"]), config["strategy"], config["target"], config["seed"])
-    paths = RunPaths(**{**config["paths"], "curve": str(out / "curve.csv")})
-    run_worker(params, paths, trial_overrides(base, config["seed"]), TuneHooks(), progress=False)
+    strategy, target, seed = config["strategy"], config["target"], config["seed"]
+    name = trial_name(strategy, target, seed)
+    if name in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):  # fault injection for tests
+        raise RuntimeError(f"injected failure in trial {name} (MSDM_INJECT_TRIAL_ERROR)")
+    spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), strategy, target, seed)
+    fit(spec, progress=False, callbacks=[TuneReportCallback()])
 
 
-def _max_concurrent(params: Params) -> int:
+def trials_that_fit(per_trial: dict[str, float]) -> int:
+    """How many trials the cluster's resources hold at once (at least 1)."""
     import ray
 
-    cpus = int(ray.available_resources().get("CPU", 1))
-    return max(1, cpus // params.sweep.cpus_per_trial)
+    total = ray.cluster_resources()
+    return max(1, min(int(total.get(k, 0) // v) for k, v in per_trial.items() if v > 0))
+
+
+class ResourceBoundTrials(BasicVariantGenerator):
+    """Tune's grid generator, starting a trial only while the cluster has room for one more.
+
+    A trial's driver holds no resources (its Train workers do), so Tune alone would start
+    every trial at once and leave most of them waiting, each with its processes. The limit
+    is read from the cluster before each new trial, so a cluster that grows runs more.
+    """
+
+    def __init__(self, per_trial: dict[str, float]):
+        super().__init__()
+        self.per_trial = dict(per_trial)
+
+    @property
+    def max_concurrent(self) -> int:
+        return trials_that_fit(self.per_trial)
+
+    @max_concurrent.setter
+    def max_concurrent(self, value: int) -> None:  # BasicVariantGenerator's constructor sets it
+        pass
 
 
 @dataclass
@@ -109,33 +108,32 @@ class SweepOutputs:
     trials: Path
 
 
-def run_sweep(params: Params, paths: RunPaths, out_dir: Path, latents_dir: Path) -> SweepOutputs:
+def run_sweep(spec: RunSpec, out_dir: Path) -> SweepOutputs:
     from ray import tune
 
     out_dir = out_dir.resolve()
-    s = params.sweep
-    name = run_name("sweep", replace(params, "weighting", strategy="const"), latents_dir,
-                    RunOverrides(extra={"sweep": to_dict(params)["sweep"]}))
-    storage = storage_for(params, "sweep")
-    if "://" not in storage:
-        storage = str(Path(storage).resolve())
-    trainable = tune.with_resources(_trial, {"cpu": s.cpus_per_trial})
+    s = spec.params.sweep
+    trials = trial_specs(spec, out_dir)
+    name = sweep_name(spec)
+    # The Train workers hold the trial's CPUs and GPUs; its driver only waits on them, but Tune
+    # needs every trial to hold something, and memory is what the driver does use.
+    trainable = tune.with_resources(_trial, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     space = {"strategy": tune.grid_search(list(s.strategies)), "target": tune.grid_search(list(s.targets)),
-             "seed": tune.grid_search(list(s.seeds)),
-             "params": to_dict(params), "paths": paths.resolved().__dict__, "out_dir": str(out_dir)}
-    experiment = f"{storage}/{name}"
+             "seed": tune.grid_search(list(s.seeds)), "spec": spec.to_dict(), "out_dir": str(out_dir)}
+    experiment = f"{spec.storage}/{name}"
     start = time.perf_counter()
     if tune.Tuner.can_restore(experiment):
         tuner = tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True, param_space=space)
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(max_concurrent_trials=_max_concurrent(params)),
-            run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=params.train.max_failures)),
+            tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trials[0].resources.per_run())),
+            # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
+            run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
-    print(f"sweep: {len(s.strategies) * len(s.targets) * len(s.seeds)} trials in {time.perf_counter() - start:.0f}s")
+    print(f"sweep: {len(trials)} trials in {time.perf_counter() - start:.0f}s")
     if grid.errors:
         first = grid.errors[0]
         raise SweepFailedError(f"{len(grid.errors)} sweep trial(s) failed; first error: "
@@ -158,9 +156,13 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         last = curve.iloc[-1]
         reported = result.metrics or {}
         rows.append({"strategy": strategy, "target": target, "seed": seed, "status": "ok",
-                     "final_fid": float(last["fid"]), "metric": str(last.get("metric", "fid")),
+                     "final_fid": float(last.get("fid", float("nan"))), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
                      "seconds": round(float(reported.get("time_total_s", float("nan"))), 1),
+                     "world_size": int(reported.get("world_size", 0)),
+                     # where the last attempt picked the run up (0: it ran straight through)
+                     "resumed_from_step": int(reported.get("resumed_from_step", 0)),
+                     "torch_threads": int(reported.get("torch_threads", 0)),
                      "precision": reported.get("precision", ""), "error": ""})
     curves = pd.concat(frames, ignore_index=True).sort_values(["target", "strategy", "seed", "step"])
     outputs = SweepOutputs(curves=out_dir / "curves.csv", trials=out_dir / "trials.csv")
@@ -171,4 +173,3 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         w.writeheader()
         w.writerows(sorted(rows, key=lambda r: (r["target"], r["strategy"], r["seed"])))
     return outputs
-

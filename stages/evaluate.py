@@ -16,7 +16,6 @@ from msdm.config import Params
 from msdm.io import atomic_write_json, safe_torch_load
 from stages._cli import require, run_stage
 
-LATENTS = Path("data/latents")
 MODEL = Path("models/diffusion.pt")
 METRICS = Path("metrics/eval.json")
 SAMPLES_PNG = Path("plots/samples.png")
@@ -28,7 +27,7 @@ def body(params: Params, args) -> None:
     from msdm.latents import LatentStore
     from msdm.plots import save_class_grid
     from msdm.train import build_model, latent_info
-    from pipeline.runs import AUTOENCODER, FEATURENET, FID_REF
+    from pipeline.spec import AUTOENCODER, FEATURENET, FID_REF, LATENTS
 
     require(LATENTS / "meta.json", "encode")
     require(MODEL, "train")

@@ -1,4 +1,4 @@
-"""DVC stage `sweep`: Ray Tune over sweep.strategies x sweep.seeds.
+"""DVC stage `sweep`: Ray Tune over sweep.strategies x sweep.targets x sweep.seeds, each trial a Ray Train run.
 
     python -m stages.sweep
 
@@ -14,23 +14,22 @@ from pathlib import Path
 from msdm.config import Params
 from stages._cli import require, run_stage
 
-LATENTS = Path("data/latents")
 OUT = Path("results/sweep")
 
 
 def body(params: Params, args) -> None:
     from pipeline.cluster import init_ray
-    from pipeline.runs import run_paths
+    from pipeline.spec import repo_paths, stage_storage, train_spec
     from pipeline.sweep import run_sweep
 
-    paths = run_paths(LATENTS, None)
-    require(LATENTS / "meta.json", "encode")
+    paths = repo_paths()
+    require(Path(paths.latents) / "meta.json", "encode")
     require(paths.autoencoder, "autoencoder")
     require(paths.fid_ref, "fid_ref")
     if params.fid.extractor == "featurenet":
         require(paths.featurenet, "featurenet")
     init_ray(params.ray)
-    out = run_sweep(params, paths, OUT, LATENTS)
+    out = run_sweep(train_spec(params, paths, stage_storage(params, "sweep")), OUT)
     print(f"sweep: wrote {out.curves} and {out.trials}")
 
 

@@ -24,7 +24,6 @@ from msdm.config import ConfigError, Params
 from msdm.io import atomic_write_json
 from stages._cli import require, run_stage
 
-LATENTS = Path("data/latents")
 CURVE = Path("results/train/curve.csv")
 MODEL_OUT = Path("models/diffusion.pt")
 METRICS = Path("metrics/train.json")
@@ -162,18 +161,18 @@ def body(params: Params, args) -> None:
                           "(run a preset with: python -m pipeline.presets PRESET, then the dvc exp run it prints)")
 
     from pipeline.cluster import init_ray
-    from pipeline.runs import export_final_model, run_name, run_paths, train_with_ray
+    from pipeline.ray_train import export_final_model, fit
+    from pipeline.spec import repo_paths, stage_storage, train_spec
 
-    paths = run_paths(LATENTS, CURVE)
-    for p, stage in ((LATENTS / "meta.json", "encode"), (paths.autoencoder, "autoencoder"),
+    paths = repo_paths(curve=CURVE)
+    for p, stage in ((Path(paths.latents) / "meta.json", "encode"), (paths.autoencoder, "autoencoder"),
                      (paths.featurenet, "featurenet"), (paths.fid_ref, "fid_ref")):
-        if p:
-            require(p, stage)
+        require(p, stage)
     init_ray(params.ray)
-    name = run_name("train", params, LATENTS)
-    summary = train_with_ray(params, paths, name=name, storage_suffix="train")
-    export_final_model(params, summary.checkpoint_dir, LATENTS, MODEL_OUT)
-    atomic_write_json({**summary.metrics, "run_name": name}, METRICS)
+    spec = train_spec(params, paths, stage_storage(params, "train"))
+    summary = fit(spec)
+    export_final_model(spec, summary.checkpoint_dir, MODEL_OUT)
+    atomic_write_json({**summary.metrics, "run_name": spec.name}, METRICS)
     print(f"train: {summary.metrics}")
 
 

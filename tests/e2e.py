@@ -25,10 +25,11 @@ TINY_PARAMS = {
     "train": {"steps": 12, "batch_size": 16, "num_workers": 1, "cpus_per_worker": 1, "checkpoint_every": 4,
               "log_every": 2},
     "eval": {"every": 4, "num_samples": 40, "final_num_samples": 40, "sampling_steps": 4, "batch_size": 40},
-    # one target: every trial costs seconds of start-up on the 2-core CI machine; the target grid
-    # and its per-target report are covered by test_convergence and test_trial_recipe_...
+    # one target, one worker per trial: every trial is a Ray Train run, which costs seconds of
+    # start-up on the 2-core CI machine. The target grid and its per-target report are covered by
+    # test_convergence, 2-worker trials by test_reliability's sweep on its Ray cluster.
     "sweep": {"strategies": ["const", "dysigma"], "targets": ["x0"], "seeds": [0], "steps": 8, "eval_every": 4, "num_samples": 20,
-              "preset": "vit-tiny", "cpus_per_trial": 1},
+              "preset": "vit-tiny", "num_workers": 1, "cpus_per_worker": 1},
 }
 
 
@@ -38,8 +39,14 @@ TINY_PARAMS = {
 RUN_MARKER = ("MSDM_E2E_RUN", uuid.uuid4().hex)
 
 
+# Ray Train's controller polls its workers every 2 s; at 0.5 s a tiny run starts and ends
+# sooner. Only latency changes: every report is still registered at a poll.
+FAST_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
 def env() -> dict:
     e = dict(os.environ)
+    e[FAST_POLL[0]] = FAST_POLL[1]
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e.update(DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
              PYTHONDONTWRITEBYTECODE="1")

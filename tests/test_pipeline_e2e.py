@@ -6,7 +6,6 @@ import csv
 import dataclasses
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -16,8 +15,9 @@ import pytest
 import yaml
 
 from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env, kill_marked_processes
-from msdm.config import Params, load_params, replace
-from pipeline.sweep import trial_overrides, trial_params
+from msdm.config import Params, load_params, update
+from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec
+from pipeline.sweep import one_trial
 
 # One xdist group: the tests share the module's tiny repo and run in order on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
@@ -57,6 +57,10 @@ def test_every_output_is_written(repo):
         rows = list(csv.DictReader(fh))
     assert {(r["strategy"], r["target"], int(r["step"])) for r in rows} == {
         (s, "x0", k) for s in ("const", "dysigma") for k in (4, 8)}
+    with open(repo / "results/sweep/trials.csv", newline="") as fh:
+        trials = list(csv.DictReader(fh))
+    # every trial was a Ray Train run with the sweep's worker group (sweep.num_workers: 1 here)
+    assert [(t["strategy"], int(t["world_size"])) for t in trials] == [("const", 1), ("dysigma", 1)]
     assert "## Verdicts" in (repo / "docs/results.md").read_text()
     for png in ("plots/reconstructions.png", "plots/samples.png", "docs/results/convergence.png",
                 "docs/results/speedups.png", "docs/results/weights.png"):
@@ -90,10 +94,11 @@ def test_param_change_reruns_only_downstream(repo):
     assert "models/autoencoder.pt" in encode["deps"] and "autoencoder.ssim_weight" not in encode["params"]
 
 
-# What a sweep trial sets itself (pipeline.sweep.trial_params / trial_overrides) or never reads.
-SWEEP_IGNORES = {"diffusion": {"target"}, "weighting": {"strategy"}, "model": {"preset"},
-                 "train": {"steps", "seed", "checkpoint_every", "num_workers", "use_gpu", "cpus_per_worker"},
-                 "eval": {"every", "num_samples", "final_num_samples"}}
+# The fields pipeline.spec.trial_params sets: a trial's only differences from the train run.
+TRIAL_SETS = {"weighting.strategy", "diffusion.target", "model.preset", "train.steps", "train.seed",
+              "train.checkpoint_every", "train.num_workers", "train.cpus_per_worker", "train.use_gpu",
+              "eval.every", "eval.num_samples"}
+NEVER_READ_BY_A_TRIAL = {"eval.final_num_samples"}
 
 
 def test_sweep_stage_lists_every_param_a_trial_reads():
@@ -102,26 +107,45 @@ def test_sweep_stage_lists_every_param_a_trial_reads():
         for f in dataclasses.fields(Params.__dataclass_fields__[section].default_factory()):
             key = f"{section}.{f.name}"
             covered = section in listed or key in listed
-            assert covered != (f.name in SWEEP_IGNORES.get(section, ())), key
+            assert covered != (key in TRIAL_SETS | NEVER_READ_BY_A_TRIAL), key
 
 
-def test_trial_recipe_does_not_depend_on_the_ignored_params():
+def sweep_of(params: Params, tmp_path: Path):
+    paths = ArtefactPaths(latents=str(tmp_path / "latents"), autoencoder="ae.pt", featurenet="fn.pt",
+                          fid_ref="ref.npz", curve="results/train/curve.csv")
+    return train_spec(params, paths, str(tmp_path / "ray" / "sweep"))
+
+
+def test_a_trial_is_the_train_run_with_only_the_fields_trial_spec_sets(tmp_path):
     base = load_params(REPO / "params.yaml")
-    changed = replace(base, "weighting", strategy="p2")
-    changed = replace(changed, "model", preset="vit-small")
-    changed = replace(changed, "train", steps=7, seed=9, checkpoint_every=3, num_workers=4, use_gpu=True,
-                      cpus_per_worker=1)
-    changed = replace(changed, "eval", every=5, num_samples=11, final_num_samples=13)
+    # a sweep whose every trial field differs from the train run's, so the diff shows them all
+    params = update(base, {"sweep": {"preset": "vit-small", "num_workers": 2, "cpus_per_worker": 3, "use_gpu": True,
+                                     "steps": 77, "eval_every": 11, "num_samples": 33}})
+    train = sweep_of(params, tmp_path)
+    trial = one_trial(train, tmp_path / "out", "min_snr", "eps", 7)
+    diff = spec_diff(train, trial)
+    assert set(diff) == TRIAL_SETS | {"paths.curve", "name", "storage"}
+    assert {k: v[1] for k, v in diff.items() if k in TRIAL_SETS} == {
+        "weighting.strategy": "min_snr", "diffusion.target": "eps", "model.preset": "vit-small", "train.steps": 77,
+        "train.seed": 7, "train.checkpoint_every": 11, "train.num_workers": 2, "train.cpus_per_worker": 3,
+        "train.use_gpu": True, "eval.every": 11, "eval.num_samples": 33}
+    assert trial.name == "min_snr-eps-seed7" and trial.paths.curve.endswith("trials/min_snr-eps-seed7/curve.csv")
+    assert trial.resources.per_run() == {"CPU": 6, "GPU": 2}
+    assert RunSpec.from_dict(trial.to_dict()) == trial  # what Ray carries to the workers is the same spec
 
-    def blank_loop_overridden(p):  # train_loop takes steps, seed, eval_every, num_samples from the overrides
-        p = replace(p, "train", steps=0, seed=0, cpus_per_worker=1)
-        return replace(p, "eval", every=1, num_samples=2, final_num_samples=2)
 
-    changed = replace(changed, "diffusion", target="eps")
-    for strategy in ("const", "dysigma"):
-        assert trial_overrides(base, 0) == trial_overrides(changed, 0)
-        assert blank_loop_overridden(trial_params(base, strategy, "v")) == blank_loop_overridden(
-            trial_params(changed, strategy, "v"))
+def test_train_fields_every_trial_overrides_change_no_trial(tmp_path):
+    base = load_params(REPO / "params.yaml")
+    changed = update(base, {"weighting": {"strategy": "p2"}, "diffusion": {"target": "eps"},
+                            "model": {"preset": "vit-small"},
+                            "train": {"steps": 7, "seed": 9, "checkpoint_every": 3, "num_workers": 4,
+                                      "cpus_per_worker": 1},
+                            "eval": {"every": 5, "num_samples": 11, "final_num_samples": 13}})
+    for strategy, target, seed in (("const", "x0", 0), ("dysigma", "v", 2)):
+        a = one_trial(sweep_of(base, tmp_path), tmp_path, strategy, target, seed)
+        b = one_trial(sweep_of(changed, tmp_path), tmp_path, strategy, target, seed)
+        # the same Tune experiment name and the same trial runs (storage, name): a restore resumes them
+        assert set(spec_diff(a, b)) == NEVER_READ_BY_A_TRIAL
 
 
 def test_strategy_or_train_length_change_does_not_rerun_the_sweep(repo):
@@ -162,17 +186,3 @@ def test_sigkill_during_train_resumes_from_checkpoint(repo):
     # every eval present once; the rows after the last checkpoint were redone, not duplicated
     assert curve_steps(curve) == list(range(4, 29, 4))
     assert load(repo, "metrics/train.json")["step"] == 28
-
-
-def test_failed_sweep_trial_fails_the_stage(repo):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["sweep"].update(seeds=[5], targets=["x0"])  # a new experiment, not a restore of the finished one
-    params["train"].update(max_failures=0)  # the injected error is deterministic: no retries to wait for
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    e = env()
-    e["MSDM_INJECT_TRIAL_ERROR"] = "const,dysigma"  # both fail at once: no trial trains before the verdict
-    proc = subprocess.run([str(VENV_BIN / "python"), "-m", "stages.sweep"], cwd=repo, env=e,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 1
-    assert "2 sweep trial(s) failed" in proc.stderr
-    assert re.search(r"injected failure in trial (const|dysigma)", proc.stderr), proc.stderr[-2000:]

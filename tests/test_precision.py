@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from msdm import precision as prec
-from msdm.config import Params, replace
+from msdm.config import Params, update
 from msdm.models.featurenet import train_featurenet
 from msdm.train import LatentInfo, train_loop
 
@@ -92,10 +92,11 @@ INFO = LatentInfo(channels=6, size=4, subspaces=3, num_classes=4)
 def test_training_loop_runs_in_the_auto_precision(monkeypatch, linear_dtypes, native, expected_name,
                                                   expected_dtype):
     cpu_with_native_bf16(monkeypatch, native)
-    p = replace(Params(), "train", steps=2, batch_size=4, checkpoint_every=2, precision="auto")
+    p = update(Params(), {"train": {"steps": 2, "batch_size": 4, "checkpoint_every": 2, "precision": "auto"},
+                          "eval": {"every": 2}})
     g = torch.Generator().manual_seed(0)
     result = train_loop(p, torch.randn(8, 6, 4, 4, generator=g), torch.randint(0, 4, (8,), generator=g), INFO,
-                        eval_every=2, progress=False)
+                        progress=False)
     assert result.precision.name == expected_name
     # the weighting strategy's small MLP runs in fp32 on purpose, so bf16 is one of two dtypes
     assert (linear_dtypes == {torch.float32}) if expected_dtype == torch.float32 else (expected_dtype in linear_dtypes)

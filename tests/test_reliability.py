@@ -21,11 +21,12 @@ import pytest
 import torch
 
 from msdm import data
-from msdm.config import DataConfig, Params, RayConfig, replace
+from msdm.config import DataConfig, Params, RayConfig, replace, update
 from msdm.data import DatasetError
 from msdm.io import atomic_path, atomic_torch_save, safe_torch_load
 from msdm.latents import LatentStoreError, LatentStoreWriter, shard_name
 from msdm.train import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
+
 
 REPO = Path(__file__).resolve().parents[1]
 K, C, SIZE, CLASSES = 3, 2, 4, 4  # a tiny latent store: 3 subspaces x 2 channels, 4x4, 4 classes
@@ -61,7 +62,14 @@ def weights_sum(model, step):
 
 # ---------------------------------------------------------------------------- Ray Train worker death
 
-CRASH_STEP, CRASH_RANK = 6, 1  # after the step-4 checkpoint, before the step-8 one
+# Rank 0, after the step-4 checkpoint and before the step-8 one. Rank 0 is the rank that
+# writes the checkpoints and the curve, and the one a single-worker run has.
+CRASH_STEP, CRASH_RANK = 6, 0
+# Ray Train's controller polls its workers every 2 s; at 0.5 s a tiny run starts and ends sooner
+# (tests/e2e.py sets the same for the stages it runs). Only latency changes.
+FAST_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+FAILING_SEED = 5
+FAILING_TRIAL = f"const-x0-seed{FAILING_SEED}"  # pipeline.sweep's fault hook fails these trials
 SECRET = "wandb-key-" + os.urandom(12).hex()
 
 
@@ -78,7 +86,9 @@ def ray_cluster(tmp_path_factory):
     shutdown_ray()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MSDM_INJECT_CRASH", f"{CRASH_STEP}:{CRASH_RANK}:{marker}")
-        mp.setenv("MSDM_INJECT_CRASH_DELAY_S", "3")  # past Ray's 2 s poll: the step-4 checkpoint is registered
+        mp.setenv(*FAST_POLL)
+        mp.setenv("MSDM_INJECT_CRASH_DELAY_S", "1")  # past Ray Train's poll: the step-4 checkpoint is registered
+        mp.setenv("MSDM_INJECT_TRIAL_ERROR", f"{FAILING_TRIAL},p2-x0-seed{FAILING_SEED}")
         mp.setenv("WANDB_API_KEY", SECRET)  # must not reach any file the run writes
         mp.delenv("RAY_ADDRESS", raising=False)  # a local cluster, never someone else's
         init_ray(RayConfig(num_cpus=2))
@@ -88,19 +98,19 @@ def ray_cluster(tmp_path_factory):
         shutdown_ray()
 
 
-def ray_params(storage: Path, max_failures: int) -> Params:
-    p = tiny_params(steps=8, checkpoint_every=4, num_workers=2, cpus_per_worker=1, max_failures=max_failures)
-    p = replace(p, "eval", every=2)
-    return replace(p, "ray", storage_path=str(storage))
+def ray_params(max_failures: int) -> Params:
+    p = tiny_params(steps=8, checkpoint_every=4, num_workers=1, cpus_per_worker=1, max_failures=max_failures)
+    return replace(p, "eval", every=2)
 
 
-def crash_run_paths(marker: Path, tmp_path: Path):
-    """RunPaths of a fresh tiny run, with the crash marker cleared so the fault fires again."""
-    from pipeline.trainer import RunPaths
+def crash_run_spec(marker: Path, tmp_path: Path, name: str, max_failures: int):
+    """The RunSpec of a fresh tiny single-worker run, with the crash marker cleared so the fault fires again."""
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     marker.unlink(missing_ok=True)
     store = write_tiny_store(tmp_path / "latents")
-    return RunPaths(latents=str(store), curve=str(tmp_path / "curve.csv"), fid_ref=None)
+    return RunSpec(params=ray_params(max_failures), name=name, storage=str(tmp_path / "ray" / "train"),
+                   paths=ArtefactPaths(latents=str(store), curve=str(tmp_path / "curve.csv")))
 
 
 RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this module's cluster run on one worker
@@ -108,27 +118,43 @@ RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this modul
 
 @pytest.mark.slow
 @RAY_GROUP
-def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tmp_path):
-    from pipeline.runs import train_with_ray
+def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_checkpoint(ray_cluster, tmp_path):
+    """A real Tune sweep of 2 trials, each a TorchTrainer with 2 CPU workers (DDP over gloo); in
+    the first trial to reach step 6, rank 1 dies, and Ray Train restarts the group from step 4."""
+    from pipeline.spec import ArtefactPaths, train_spec
+    from pipeline.sweep import run_sweep
 
     marker = ray_cluster
-    paths = crash_run_paths(marker, tmp_path)
-    summary = train_with_ray(ray_params(tmp_path / "ray", max_failures=1), paths, name="crash-once",
-                             storage_suffix="train")
+    marker.unlink(missing_ok=True)
+    store = write_tiny_store(tmp_path / "latents")
+    p = update(tiny_params(max_failures=1), {
+        "sweep": {"strategies": ["const", "learned"], "targets": ["x0"], "seeds": [0], "steps": 8, "eval_every": 2,
+                  "num_workers": 2, "cpus_per_worker": 1}})
+    out = run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep")),
+                    tmp_path / "sweep")
 
     assert marker.read_text() == f"crashed at step {CRASH_STEP} on rank {CRASH_RANK}\n"  # the fault did happen
-    # the restarted worker group picked the run up at the step-4 checkpoint, not at 0
-    assert summary.metrics["resumed_from_step"] == 4
-    assert summary.metrics["step"] == 8 and summary.metrics["loss"] > 0  # the final report, from rank 0
-    # intra-op threads follow the CPUs Ray assigned (train.cpus_per_worker: 1), not the machine's cores
-    assert summary.metrics["torch_threads"] == 1
-    state = safe_torch_load(summary.checkpoint_dir / CHECKPOINT_FILE)
-    assert state["step"] == 8 and len(state["rng"]) == 2
-    assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
+    with open(out.trials, newline="") as fh:
+        trials = {t["strategy"]: t for t in csv.DictReader(fh)}
+    assert {s: (int(t["world_size"]), int(t["steps"])) for s, t in trials.items()} == {"const": (2, 8),
+                                                                                    "learned": (2, 8)}
+    # one trial was picked up at its step-4 checkpoint after the crash, not at 0; the other ran straight
+    assert sorted(int(t["resumed_from_step"]) for t in trials.values()) == [0, 4]
+    # intra-op threads follow the CPUs Ray assigned (sweep.cpus_per_worker: 1), not the machine's cores
+    assert {int(t["torch_threads"]) for t in trials.values()} == {1}
+    with open(out.curves, newline="") as fh:
+        rows = [(r["strategy"], int(r["step"]), float(r["loss"])) for r in csv.DictReader(fh)]
     # every evaluation once: the step-6 row of the dead attempt was dropped and redone
-    assert curve_steps(tmp_path / "curve.csv") == [2, 4, 6, 8]
-    written = [p for p in tmp_path.rglob("*") if p.is_file()]  # Ray's run storage and the curve
-    assert any(p.name == CHECKPOINT_FILE for p in written)
+    assert [(s, k) for s, k, _ in rows] == [(s, k) for s in ("const", "learned") for k in (2, 4, 6, 8)]
+    assert all(loss > 0 for _, _, loss in rows)
+    # each trial is its own Ray Train run beside the Tune experiment, resumable by its name
+    runs = sorted((tmp_path / "ray" / "sweep").glob("sweep-*-runs/*-x0-seed0"))
+    assert [r.name for r in runs] == ["const-x0-seed0", "learned-x0-seed0"]
+    for run in runs:
+        state = max((safe_torch_load(c) for c in run.rglob(CHECKPOINT_FILE)), key=lambda s: s["step"])
+        assert state["step"] == 8 and len(state["rng"]) == 2
+        assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
 
 
@@ -136,13 +162,11 @@ def test_killed_ray_worker_is_restarted_from_the_last_checkpoint(ray_cluster, tm
 @RAY_GROUP
 def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoint(ray_cluster, tmp_path):
     from msdm.errors import PipelineError
-    from pipeline.runs import TrainingFailedError, train_with_ray
+    from pipeline.ray_train import TrainingFailedError, fit
 
     marker = ray_cluster
-    paths = crash_run_paths(marker, tmp_path)
     with pytest.raises(TrainingFailedError) as err:
-        train_with_ray(ray_params(tmp_path / "ray", max_failures=0), paths, name="crash-fatal",
-                       storage_suffix="train")
+        fit(crash_run_spec(marker, tmp_path, "crash-fatal", max_failures=0))
     message = str(err.value)
     assert isinstance(err.value, PipelineError)  # the stage CLI prints it as one line, no traceback
     assert "training run crash-fatal failed after train.max_failures=0 restart(s)" in message
@@ -153,6 +177,26 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
     run_storage = tmp_path / "ray" / "train" / "crash-fatal"
     assert sorted(int(safe_torch_load(p)["step"]) for p in run_storage.rglob(CHECKPOINT_FILE)) == [4]
     assert curve_steps(tmp_path / "curve.csv")[:2] == [2, 4]
+
+
+@pytest.mark.slow
+@RAY_GROUP
+def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_path):
+    from msdm.errors import PipelineError
+    from pipeline.spec import ArtefactPaths, train_spec
+    from pipeline.sweep import SweepFailedError, run_sweep
+
+    store = write_tiny_store(tmp_path / "latents")
+    p = update(tiny_params(max_failures=0), {
+        "sweep": {"strategies": ["const", "p2"], "targets": ["x0"], "seeds": [FAILING_SEED], "steps": 4,
+                  "eval_every": 2}})
+    with pytest.raises(SweepFailedError) as err:  # both trials fail at once: none trains before the verdict
+        run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep")),
+                  tmp_path / "sweep")
+    assert isinstance(err.value, PipelineError)  # the stage CLI prints it as one line, no traceback
+    assert str(err.value).startswith("2 sweep trial(s) failed; first error: ")
+    assert "injected failure in trial" in str(err.value)
+    assert not (tmp_path / "sweep" / "curves.csv").exists()
 
 
 @pytest.mark.slow
@@ -230,14 +274,15 @@ def test_download_stage_on_a_truncated_file_exits_with_one_line(tmp_path):
 
 
 def test_training_refuses_a_truncated_latent_shard_before_any_compute(tmp_path):
-    from pipeline.trainer import RunOverrides, RunPaths, run_worker
+    from pipeline.ray_train import run_worker
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     store = write_tiny_store(tmp_path / "latents")
     shard = store / shard_name("train", 1)
     shard.write_bytes(shard.read_bytes()[:300])
     curve = tmp_path / "curve.csv"
     with pytest.raises(LatentStoreError, match=rf"{re.escape(str(shard))}.*dvc repro -f encode"):
-        run_worker(tiny_params(), RunPaths(latents=str(store), curve=str(curve)), RunOverrides(),
+        run_worker(RunSpec(tiny_params(), ArtefactPaths(latents=str(store), curve=str(curve)), name="t", storage=""),
                    TrainHooks(resume_dir=tmp_path / "ckpt"), progress=False)
     assert not curve.exists() and not (tmp_path / "ckpt").exists()
 
@@ -314,8 +359,9 @@ def latents():
 
 def run_tiny(latents, tmp_path, name, **train):
     lat, lab = latents
-    return train_loop(tiny_params(**train), lat, lab, INFO, hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"),
-                      evaluate=weights_sum, curve_path=tmp_path / f"{name}.csv", eval_every=3, progress=False)
+    return train_loop(replace(tiny_params(**train), "eval", every=3), lat, lab, INFO,
+                      hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"), evaluate=weights_sum,
+                      curve_path=tmp_path / f"{name}.csv", progress=False)
 
 
 def test_failed_checkpoint_write_loses_no_completed_work(latents, tmp_path, monkeypatch):
@@ -355,8 +401,8 @@ print(json.dumps(t.tiny_run_curve()))
 
 def tiny_run_curve() -> list[dict]:
     lat, lab = make_latents()
-    return train_loop(tiny_params(), lat, lab, INFO, hooks=TrainHooks(), evaluate=weights_sum, eval_every=3,
-                      progress=False).curve
+    return train_loop(replace(tiny_params(), "eval", every=3), lat, lab, INFO, hooks=TrainHooks(),
+                      evaluate=weights_sum, progress=False).curve
 
 
 def test_same_run_in_two_processes_gives_identical_curves():

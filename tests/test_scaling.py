@@ -18,7 +18,8 @@ from PIL import Image
 from msdm import data
 from msdm.codec import (SD_VAE_SCALE, CodecError, SdVaeCodec, load_codec, load_pretrained_vae, save_sd_vae,
                         sd_vae_codec)
-from msdm.config import AutoencoderConfig, ConfigError, Params, load_params, params_from_dict, replace, to_dict
+from msdm.config import (AutoencoderConfig, ConfigError, Params, load_params, params_from_dict, replace, to_dict,
+                         update)
 from msdm.io import safe_torch_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -279,20 +280,26 @@ def test_lsun_lmdb_without_the_lmdb_package_says_how_to_fix(tmp_path):
 # ---------------------------------------------------------------------------- 4. multi-node
 
 
-def test_trainer_takes_cluster_storage_and_worker_counts_from_params():
+def test_trainer_takes_cluster_storage_and_worker_counts_from_params(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # stage_storage writes its pointer files under results/ray
     import pipeline.cluster  # noqa: F401 - sets Ray's quiet, local-only environment defaults
-    from pipeline.trainer import RunPaths, build_trainer
+    from pipeline.ray_train import build_trainer
+    from pipeline.spec import ArtefactPaths, stage_storage, train_spec
 
-    p = replace(Params(), "train", num_workers=16, use_gpu=True, precision="fp16", batch_size=256,
-                cpus_per_worker=6)
-    p = replace(p, "ray", address="auto", storage_path="s3://bucket/msdm")
-    trainer = build_trainer(p, RunPaths(latents="data/latents"), name="train-x", storage_path="s3://bucket/msdm/train")
+    p = update(Params(), {"train": {"num_workers": 16, "use_gpu": True, "precision": "fp16", "batch_size": 256,
+                                    "cpus_per_worker": 6},
+                          "sweep": {"use_gpu": True}, "ray": {"address": "auto", "storage_path": "s3://bucket/msdm"}})
+    spec = train_spec(p, ArtefactPaths(latents="data/latents"), stage_storage(p, "train"))
+    trainer = build_trainer(spec)
     assert trainer.run_config.storage_path == "s3://bucket/msdm/train"  # a URI is passed through untouched
+    assert trainer.run_config.name == spec.name and spec.name.startswith("train-")
     sc = trainer.scaling_config
     assert (sc.num_workers, sc.use_gpu, sc.resources_per_worker) == (16, True, {"CPU": 6, "GPU": 1})
-    assert trainer.train_loop_config["tracking"]["run_name"] == "train-x"
-    nfs = build_trainer(p, RunPaths(latents="data/latents"), name="x", storage_path="mnt/nfs/ray/train")
-    assert nfs.run_config.storage_path == str(Path("mnt/nfs/ray/train").resolve())  # absolute for every node
+    assert trainer.train_loop_config["spec"]["paths"]["latents"] == str(Path("data/latents").resolve())
+    nfs = replace(p, "ray", storage_path="mnt/nfs/ray")
+    # absolute for every node, and the declared results/ray/train names the real location
+    assert stage_storage(nfs, "train") == str(Path("mnt/nfs/ray/train").resolve())
+    assert (tmp_path / "results/ray/train/STORAGE_LOCATION.txt").read_text() == "mnt/nfs/ray/train\n"
 
 
 # ---------------------------------------------------------------------------- 5. tracking
@@ -377,7 +384,8 @@ def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb,
     from msdm.latents import write_latents
     from msdm.tracking import WandbTracker
     from msdm.train import TrainHooks
-    from pipeline.trainer import RunOverrides, RunPaths, run_worker
+    from pipeline.ray_train import run_worker
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     g = torch.Generator().manual_seed(0)
     z, y = torch.randn(24, 4, 4, 4, generator=g), torch.randint(0, 3, (24,), generator=g)
@@ -385,10 +393,11 @@ def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb,
                   codec_kind="sd-vae")
     p = replace(Params(), "model", preset="vit-tiny", patch_size=2)
     p = replace(p, "weighting", strategy="const")
-    p = replace(p, "train", steps=4, batch_size=4, checkpoint_every=2, precision="fp32")
+    p = update(p, {"train": {"steps": 4, "batch_size": 4, "checkpoint_every": 2, "precision": "fp32"},
+                   "eval": {"every": 2}})
     run = FakeRun()
-    result = run_worker(p, RunPaths(latents=str(tmp_path / "latents")), RunOverrides(eval_every=2),
-                        TrainHooks(), progress=False, tracker=WandbTracker(run))
+    spec = RunSpec(p, ArtefactPaths(latents=str(tmp_path / "latents")), name="t", storage="")
+    result = run_worker(spec, TrainHooks(), progress=False, tracker=WandbTracker(run))
     assert result.step == 4
     assert [step for step, _ in run.logged] == [2, 4]
     assert all(np.isfinite(m["loss"]) and m["step"] == s for s, m in run.logged)

@@ -78,10 +78,12 @@ def load_featurenet_from(path: Path) -> None:
 
 def export_model_from(path: Path) -> None:
     """The train stage's export of the final Ray checkpoint to models/diffusion.pt."""
-    from pipeline.runs import export_final_model
+    from pipeline.ray_train import export_final_model
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     (path.parent / CHECKPOINT_FILE).write_bytes(path.read_bytes())
-    export_final_model(tiny_params(), path.parent, path.parent, path.parent / "diffusion.pt")
+    spec = RunSpec(tiny_params(), ArtefactPaths(latents=str(path.parent)), name="t", storage="")
+    export_final_model(spec, path.parent, path.parent / "diffusion.pt")
 
 
 TORCH_LOADERS = {
@@ -262,9 +264,9 @@ def test_secrets_in_the_environment_reach_no_output(tmp_path, monkeypatch, capfd
     out = tmp_path / "run"
     hooks = RecordingHooks(out / "checkpoint")
     g = torch.Generator().manual_seed(0)
-    result = train_loop(tiny_params(), torch.randn(16, 6, 4, 4, generator=g), torch.zeros(16, dtype=torch.long),
-                        LatentInfo(channels=6, size=4, subspaces=3, num_classes=4), hooks=hooks,
-                        curve_path=out / "curve.csv", eval_every=2, progress=True)
+    result = train_loop(replace(tiny_params(), "eval", every=2), torch.randn(16, 6, 4, 4, generator=g),
+                        torch.zeros(16, dtype=torch.long), LatentInfo(channels=6, size=4, subspaces=3, num_classes=4),
+                        hooks=hooks, curve_path=out / "curve.csv", progress=True)
     atomic_write_json({**hooks.metrics[-1], "images_per_second": result.images_per_second}, out / "metrics.json")
     written = sorted(p for p in out.rglob("*") if p.is_file())
     assert {p.name for p in written} == {"state.pt", "curve.csv", "metrics.json"}

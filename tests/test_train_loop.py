@@ -39,8 +39,9 @@ def read_curve(path: Path) -> list[dict]:
 
 def run(params, data, tmp_path, name, **kw):
     lat, lab = data
-    return train_loop(params, lat, lab, INFO, hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"),
-                      evaluate=fake_eval, curve_path=tmp_path / f"{name}.csv", eval_every=3, progress=False, **kw)
+    return train_loop(replace(params, "eval", every=3), lat, lab, INFO,
+                      hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"), evaluate=fake_eval,
+                      curve_path=tmp_path / f"{name}.csv", progress=False, **kw)
 
 
 def test_same_seed_same_curve(data, tmp_path):

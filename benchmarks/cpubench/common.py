@@ -19,7 +19,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from msdm.config import Params, replace
+from msdm.config import Params, replace, update
 from msdm.diffusion import GaussianDiffusion
 from msdm.models.vit import build_vit
 from msdm.precision import resolve_precision
@@ -194,9 +194,9 @@ def time_train_loop(params: Params, latents: Tensor, labels: Tensor, info: Laten
         stamps.append((step, time.perf_counter()))
         return {}
 
-    p = replace(params, "train", steps=total, checkpoint_every=total + 1)
+    p = update(params, {"train": {"steps": total, "checkpoint_every": total + 1}, "eval": {"every": chunk}})
     train_loop(p, latents, labels, info, hooks=hooks or TrainHooks(), evaluate=stamp, curve_path=None,
-               eval_every=chunk, progress=False)
+               progress=False)
     return timing_from_stamps(stamps, warmup)
 
 

@@ -75,16 +75,19 @@ class CurvePoller(threading.Thread):
 
 
 def fit(ctx: Context, params, store: Path, name: str, size: dict) -> dict:
-    from pipeline.trainer import RunOverrides, RunPaths, build_trainer
+    from msdm.config import update
+    from pipeline.ray_train import build_trainer
+    from pipeline.spec import ArtefactPaths, RunSpec
 
     total = size["warmup"] + size["steps"]
     curve = ctx.tmp / f"{name}.csv"
     poller = CurvePoller(curve)
     poller.start()
     t0 = time.time()
-    result = build_trainer(params, RunPaths(latents=str(store), curve=str(curve), fid_ref=None), name=name,
-                           overrides=RunOverrides(steps=total, eval_every=size["chunk"]),
-                           storage_path=str(ctx.tmp / "ray")).fit()
+    spec = RunSpec(params=update(params, {"train": {"steps": total}, "eval": {"every": size["chunk"]}}),
+                   paths=ArtefactPaths(latents=str(store), curve=str(curve)).resolved(), name=name,
+                   storage=str((ctx.tmp / "ray").resolve()))
+    result = build_trainer(spec).fit()
     t1 = time.time()
     stamps = poller.stop()
     if result.error is not None:

@@ -1,0 +1,178 @@
+"""Ray Train (V2) around the framework-free loop in `msdm.train`: one `RunSpec` -> one `TorchTrainer`.
+
+The `train` stage fits it directly; every sweep trial fits the same trainer from inside a
+Tune function trainable (`pipeline.sweep`). `RunConfig(storage_path, name)` comes from the
+spec and is stable, so fitting the same spec again resumes from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from msdm.config import to_dict
+from msdm.errors import PipelineError
+from msdm.io import atomic_torch_save, safe_torch_load
+from msdm.tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
+from msdm.tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
+from msdm.train import CHECKPOINT_FILE, TrainHooks, TrainResult
+
+from .spec import RunSpec
+
+
+class TrainingFailedError(PipelineError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    metrics: dict
+    checkpoint_dir: Path
+
+
+class RayTrainHooks(TrainHooks):
+    def __init__(self):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._tmp = tempfile.TemporaryDirectory(prefix="msdm-resume-")
+
+    def wrap_model(self, model):
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return model
+        return ray.train.torch.prepare_model(model, move_to_device=False)
+
+    def resume_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        return Path(ckpt.to_directory(self._tmp.name))
+
+    def report(self, metrics, checkpoint_dir):
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True,
+               tracker: Tracker | None = None) -> TrainResult:
+    """Load the latents and evaluator the spec names, then run the loop. Ray workers and local runs.
+
+    `tracker` (msdm.tracking, rank 0): logs each checkpoint report and each evaluation.
+    """
+    from msdm.evaluation import build_evaluator
+    from msdm.latents import LatentStore
+    from msdm.train import latent_info, train_loop
+
+    params, paths = spec.params, spec.paths
+    store = LatentStore(paths.latents)
+    latents, labels = store.load("train", normalized=True)
+    info = latent_info(store.meta)
+    evaluate = None
+    if hooks.rank == 0 and paths.fid_ref:
+        evaluate = build_evaluator(params, store, autoencoder=paths.autoencoder, featurenet=paths.featurenet,
+                                   fid_ref=paths.fid_ref, device=hooks.device, info=info)
+    if tracker is not None and tracker.enabled:
+        hooks = TrackedHooks(hooks, tracker)
+        evaluate = tracked_evaluate(evaluate, tracker) if evaluate is not None else None
+    return train_loop(params, latents, labels, info, hooks=hooks, evaluate=evaluate,
+                      curve_path=Path(paths.curve) if paths.curve else None, progress=progress)
+
+
+def _train_fn(config: dict) -> None:
+    """Ray Train's per-worker entry point."""
+    from .cluster import assigned_cpu_threads
+
+    torch.set_num_threads(assigned_cpu_threads())  # the CPUs per worker, as Ray assigned them
+    spec = RunSpec.from_dict(config["spec"])
+    hooks = RayTrainHooks()
+    tracker = build_tracker(spec.params, rank=hooks.rank, run_name=spec.name,
+                            config={**config["spec"]["params"], "world_size": hooks.world_size},
+                            directory=config["tracking_dir"])
+    failed = True
+    try:
+        run_worker(spec, hooks, progress=config["progress"], tracker=tracker)
+        failed = False
+    finally:
+        tracker.finish(failed=failed)
+
+
+def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()):
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    check_tracking(spec.params)  # a missing wandb fails here, before any worker starts
+    res = spec.resources
+    return TorchTrainer(
+        _train_fn,
+        # absolute: Ray workers do not run in the repository directory
+        train_loop_config={"spec": spec.to_dict(), "progress": progress,
+                           "tracking_dir": str(DEFAULT_TRACKING_DIR.resolve())},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=res.num_workers, use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
+        ),
+        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        run_config=ray.train.RunConfig(
+            name=spec.name, storage_path=spec.storage, callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=spec.params.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
+    )
+
+
+def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()) -> RunSummary:
+    """Run (or resume) the spec's training to the end; the final checkpoint is copied locally."""
+    import ray.train
+
+    trainer = build_trainer(spec, progress=progress, callbacks=callbacks)
+    where = f"{spec.storage}/{spec.name}"
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as e:  # Ray Train V2 raises instead of returning result.error
+        raise TrainingFailedError(
+            f"training run {spec.name} failed after train.max_failures={spec.params.train.max_failures} "
+            f"restart(s): {_failure_reason(e)}. The last checkpoint is kept in {where}; rerun the stage to "
+            f"resume from it (or raise train.max_failures)") from e
+    if result.error is not None:
+        raise TrainingFailedError(f"training run {spec.name} failed: {result.error}") from result.error
+    if result.checkpoint is None:
+        raise TrainingFailedError(f"training run {spec.name} reported no checkpoint")
+    local = Path(tempfile.mkdtemp(prefix="msdm-final-"))
+    ckpt_dir = Path(result.checkpoint.to_directory(str(local)))
+    return RunSummary(metrics=dict(result.metrics or {}), checkpoint_dir=ckpt_dir)
+
+
+def _failure_reason(error: Exception) -> str:
+    """One line per failed worker (Ray's own message is a multi-line report with tracebacks)."""
+    def first_line(e: object) -> str:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return f"{type(e).__name__}: {lines[0].rstrip('.') if lines else ''}"
+
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        return "; ".join(f"rank {rank}: {first_line(e)}" for rank, e in sorted(failures.items()))
+    return first_line(error)
+
+
+def export_final_model(spec: RunSpec, checkpoint_dir: Path, out: Path) -> None:
+    """models/diffusion.pt: the EMA backbone weights plus what is needed to rebuild it."""
+    state = safe_torch_load(checkpoint_dir / CHECKPOINT_FILE, made_by="train")
+    meta = json.loads((Path(spec.paths.latents) / "meta.json").read_text())
+    atomic_torch_save({"ema": state["ema"], "step": state["step"], "params": to_dict(spec.params),
+                       "latent_meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},
+                      out)
