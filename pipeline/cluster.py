@@ -12,6 +12,9 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train/Tune print a large table per report by default; our own tqdm bars show progress.
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+# Ray Train's controller polls its workers every 2 s by default, and a run's start and end wait
+# for a poll: with 27 short sweep trials that is minutes. A poll is a cheap status call per worker.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
 def init_ray(cfg: RayConfig):

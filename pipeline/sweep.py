@@ -127,7 +127,9 @@ def run_sweep(spec: RunSpec, out_dir: Path) -> SweepOutputs:
     else:
         tuner = tune.Tuner(
             trainable, param_space=space,
-            tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trials[0].resources.per_run())),
+            # reuse_actors: the next trial runs in a finished trial's process instead of a new one
+            tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trials[0].resources.per_run()),
+                                        reuse_actors=True),
             # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
             run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),

@@ -39,14 +39,8 @@ TINY_PARAMS = {
 RUN_MARKER = ("MSDM_E2E_RUN", uuid.uuid4().hex)
 
 
-# Ray Train's controller polls its workers every 2 s; at 0.5 s a tiny run starts and ends
-# sooner. Only latency changes: every report is still registered at a poll.
-FAST_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-
-
 def env() -> dict:
     e = dict(os.environ)
-    e[FAST_POLL[0]] = FAST_POLL[1]
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
     e.update(DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
              PYTHONDONTWRITEBYTECODE="1")

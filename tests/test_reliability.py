@@ -65,9 +65,6 @@ def weights_sum(model, step):
 # Rank 0, after the step-4 checkpoint and before the step-8 one. Rank 0 is the rank that
 # writes the checkpoints and the curve, and the one a single-worker run has.
 CRASH_STEP, CRASH_RANK = 6, 0
-# Ray Train's controller polls its workers every 2 s; at 0.5 s a tiny run starts and ends sooner
-# (tests/e2e.py sets the same for the stages it runs). Only latency changes.
-FAST_POLL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 FAILING_SEED = 5
 FAILING_TRIAL = f"const-x0-seed{FAILING_SEED}"  # pipeline.sweep's fault hook fails these trials
 SECRET = "wandb-key-" + os.urandom(12).hex()
@@ -86,8 +83,8 @@ def ray_cluster(tmp_path_factory):
     shutdown_ray()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MSDM_INJECT_CRASH", f"{CRASH_STEP}:{CRASH_RANK}:{marker}")
-        mp.setenv(*FAST_POLL)
-        mp.setenv("MSDM_INJECT_CRASH_DELAY_S", "1")  # past Ray Train's poll: the step-4 checkpoint is registered
+        # past Ray Train's poll (0.5 s, pipeline.cluster): the step-4 checkpoint is registered
+        mp.setenv("MSDM_INJECT_CRASH_DELAY_S", "1")
         mp.setenv("MSDM_INJECT_TRIAL_ERROR", f"{FAILING_TRIAL},p2-x0-seed{FAILING_SEED}")
         mp.setenv("WANDB_API_KEY", SECRET)  # must not reach any file the run writes
         mp.delenv("RAY_ADDRESS", raising=False)  # a local cluster, never someone else's
