@@ -18,7 +18,16 @@ export PYTHONDONTWRITEBYTECODE := 1
 setup: $(STAMP) dataset
 
 # Idempotent: reinstalls only when the pins change.
+# The pinned torch is the CUDA build (what the local wheel store holds): .venv takes about 6.6 GiB.
+# A first install checks the space first, so a full disk is one clear line, not a pip OSError half-way.
+NEED_MIB := 7168
+
 $(STAMP): pyproject.toml requirements.lock
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1024)}'); \
+	if [ ! -x $(BIN)/python ] && [ "$$free" -lt $(NEED_MIB) ]; then \
+	  echo "setup: $$free MiB free in $(CURDIR); .venv needs about $(NEED_MIB) MiB (torch 2.14.1 with its CUDA libraries). Free some space, then rerun." >&2; \
+	  exit 1; \
+	fi
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements.lock
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
