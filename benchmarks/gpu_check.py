@@ -103,21 +103,26 @@ def bench_fid(device: torch.device, n: int) -> dict:
                 "device": str(device)}
 
 
-def bench_ray(use_gpu: bool, steps: int) -> dict:
-    """A real Ray Train fit of the training loop on synthetic latents (one worker)."""
+def synthetic_store(store: Path) -> Path:
+    """512 random 12x8x8 latents in 3 subspaces, 10 classes: a store to train on without data."""
     import numpy as np
 
     from msdm.latents import LatentStoreWriter
+
+    with LatentStoreWriter(store, subspaces=3, channels=4, num_classes=10, codec_kind="synthetic") as w:
+        rng = np.random.default_rng(0)
+        w.write_split("train", [rng.standard_normal((512, 12, 8, 8)).astype("float32")], rng.integers(0, 10, 512))
+    return store
+
+
+def bench_ray(use_gpu: bool, steps: int) -> dict:
+    """A real Ray Train fit of the training loop on synthetic latents (one worker)."""
     from pipeline.cluster import init_ray
     from pipeline.ray_train import build_trainer
     from pipeline.spec import ArtefactPaths, RunSpec
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "latents"
-        with LatentStoreWriter(store, subspaces=3, channels=4, num_classes=10, codec_kind="synthetic") as w:
-            rng = np.random.default_rng(0)
-            w.write_split("train", [rng.standard_normal((512, 12, 8, 8)).astype("float32")],
-                          rng.integers(0, 10, 512))
+        store = synthetic_store(Path(tmp) / "latents")
         p = replace(Params(), "train", steps=steps, batch_size=64, use_gpu=use_gpu, num_workers=1,
                     cpus_per_worker=1, checkpoint_every=steps, precision="bf16")
         p = replace(p, "model", preset="vit-small")
@@ -134,20 +139,13 @@ def bench_sweep(use_gpu: bool, steps: int) -> dict:
     """A real 2-trial Tune sweep (const, dysigma) whose trials are Ray Train runs, on GPUs when asked."""
     import csv
 
-    import numpy as np
-
     from msdm.config import update
-    from msdm.latents import LatentStoreWriter
     from pipeline.cluster import init_ray
     from pipeline.spec import ArtefactPaths, train_spec
     from pipeline.sweep import run_sweep
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = Path(tmp) / "latents"
-        with LatentStoreWriter(store, subspaces=3, channels=4, num_classes=10, codec_kind="synthetic") as w:
-            rng = np.random.default_rng(0)
-            w.write_split("train", [rng.standard_normal((512, 12, 8, 8)).astype("float32")],
-                          rng.integers(0, 10, 512))
+        store = synthetic_store(Path(tmp) / "latents")
         p = update(Params(), {
             "train": {"batch_size": 64, "precision": "auto"},
             "sweep": {"strategies": ["const", "dysigma"], "targets": ["x0"], "seeds": [0], "steps": steps,
