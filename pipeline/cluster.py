@@ -17,9 +17,6 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
-LOCAL_ONLY_TRAIN_FLAGS = ("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "RAY_TRAIN_METRICS_ENABLED")
-
-
 def init_ray(cfg: RayConfig):
     """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster (dashboard on 127.0.0.1).
 
@@ -33,11 +30,6 @@ def init_ray(cfg: RayConfig):
     if address:
         ray.init(address=address, log_to_driver=True)
         return ray
-    # A cluster of our own is one machine: no node is preempted and nobody scrapes Ray Train's
-    # metrics, and each run would start a watcher actor for the one and collect the other. Without
-    # them a 2-trial sweep took 25.4/28.7 s against 29.0/30.6 s (2-core Zen 4, interleaved, twice).
-    for flag in LOCAL_ONLY_TRAIN_FLAGS:
-        os.environ.setdefault(flag, "0")  # before ray.init: the cluster's processes inherit it
     # The dashboard process also serves Ray's state API, which Ray Train's placement-group
     # cleanup polls; it is bound to loopback only.
     kwargs = dict(num_cpus=cfg.num_cpus or None, dashboard_host="127.0.0.1",
