@@ -16,10 +16,10 @@ from typing import Sequence
 import torch
 
 from msdm.config import to_dict
-from msdm.errors import PipelineError
+from .errors import PipelineError
 from msdm.io import atomic_torch_save, safe_torch_load
-from msdm.tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
-from msdm.tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
+from .tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
+from .tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
 from msdm.train import CHECKPOINT_FILE, TrainHooks, TrainResult
 
 from .spec import RunSpec
@@ -72,7 +72,7 @@ def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True,
                tracker: Tracker | None = None) -> TrainResult:
     """Load the latents and evaluator the spec names, then run the loop. Ray workers and local runs.
 
-    `tracker` (msdm.tracking, rank 0): logs each checkpoint report and each evaluation.
+    `tracker` (pipeline.tracking, rank 0): logs each checkpoint report and each evaluation.
     """
     from msdm.evaluation import build_evaluator
     from msdm.latents import LatentStore

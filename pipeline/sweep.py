@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from msdm.errors import PipelineError
+from .errors import PipelineError
 from msdm.io import atomic_path
 
 from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec

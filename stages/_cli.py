@@ -9,7 +9,7 @@ from typing import Callable
 
 from msdm.config import ConfigError, Params, load_params
 from msdm.data import DatasetError
-from msdm.errors import PipelineError
+from pipeline.errors import PipelineError
 from msdm.io import CorruptFileError
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from msdm.config import ConfigError, Params
-from msdm.errors import PipelineError
+from pipeline.errors import PipelineError
 from msdm.io import atomic_path, atomic_write_json
 from stages._cli import InputMissingError, run_stage
 

@@ -158,7 +158,7 @@ def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_check
 @pytest.mark.slow
 @RAY_GROUP
 def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoint(ray_cluster, tmp_path):
-    from msdm.errors import PipelineError
+    from pipeline.errors import PipelineError
     from pipeline.ray_train import TrainingFailedError, fit
 
     marker = ray_cluster
@@ -179,7 +179,7 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
 @pytest.mark.slow
 @RAY_GROUP
 def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_path):
-    from msdm.errors import PipelineError
+    from pipeline.errors import PipelineError
     from pipeline.spec import ArtefactPaths, train_spec
     from pipeline.sweep import SweepFailedError, run_sweep
 

@@ -335,7 +335,7 @@ def tracking(wandb: bool = True, mode: str = "offline"):
 
 
 def test_tracking_is_off_by_default_and_never_imports_wandb(monkeypatch):
-    from msdm.tracking import Tracker, build_tracker, check_tracking, tracking_settings
+    from pipeline.tracking import Tracker, build_tracker, check_tracking, tracking_settings
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would raise ImportError
     assert tracking_settings(Params()) == (False, "msdm", "offline")  # no tracking section yet
@@ -347,7 +347,7 @@ def test_tracking_is_off_by_default_and_never_imports_wandb(monkeypatch):
 
 
 def test_tracking_on_without_wandb_is_a_clear_error(monkeypatch):
-    from msdm.tracking import TrackingError, build_tracker, check_tracking
+    from pipeline.tracking import TrackingError, build_tracker, check_tracking
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TrackingError, match=r"pip install wandb==0\.31\.0.*tracking\.wandb: false"):
@@ -362,7 +362,7 @@ def test_tracking_on_without_wandb_is_a_clear_error(monkeypatch):
 def test_wandb_runs_offline_on_rank_0_in_a_gitignored_folder(fake_wandb, tmp_path):
     import subprocess
 
-    from msdm.tracking import DEFAULT_DIR, build_tracker
+    from pipeline.tracking import DEFAULT_DIR, build_tracker
 
     assert build_tracker(tracking(), rank=1, run_name="train-ab").enabled is False and not fake_wandb.runs
     tracker = build_tracker(tracking(), rank=0, run_name="train-ab", config={"train": {"lr": 1e-4}},
@@ -382,7 +382,7 @@ def test_wandb_runs_offline_on_rank_0_in_a_gitignored_folder(fake_wandb, tmp_pat
 
 def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb, tmp_path):
     from msdm.latents import write_latents
-    from msdm.tracking import WandbTracker
+    from pipeline.tracking import WandbTracker
     from msdm.train import TrainHooks
     from pipeline.ray_train import run_worker
     from pipeline.spec import ArtefactPaths, RunSpec

@@ -1,4 +1,4 @@
-"""Optional experiment tracking with Weights & Biases: rank 0 only, off by default.
+"""Optional experiment tracking with Weights & Biases for Ray Train runs: rank 0 only, off by default.
 
 The params section it reads (every field optional here, so code runs before the section
 exists in params.yaml):
@@ -21,7 +21,7 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .config import ConfigError
+from msdm.config import ConfigError
 
 WANDB_REQUIREMENT = "wandb==0.31.0"
 DEFAULT_PROJECT = "msdm"
