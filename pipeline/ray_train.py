@@ -16,13 +16,13 @@ from typing import Sequence
 import torch
 
 from msdm.config import to_dict
-from .errors import PipelineError
 from msdm.io import atomic_torch_save, safe_torch_load
-from .tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
-from .tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
 from msdm.train import CHECKPOINT_FILE, TrainHooks, TrainResult
 
+from .errors import PipelineError
 from .spec import RunSpec
+from .tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
+from .tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
 
 
 class TrainingFailedError(PipelineError):

@@ -95,9 +95,9 @@ FID_REF = Path("results/fid_ref/stats.npz")
 LOCAL_STORAGE = Path("results/ray")  # what dvc.yaml declares as the (persistent) Ray outputs
 
 
-def repo_paths(*, curve: Path | str = "", with_eval: bool = True) -> ArtefactPaths:
+def repo_paths(*, curve: Path | str = "") -> ArtefactPaths:
     return ArtefactPaths(latents=str(LATENTS), autoencoder=str(AUTOENCODER), featurenet=str(FEATURENET),
-                         fid_ref=str(FID_REF) if with_eval else "", curve=str(curve)).resolved()
+                         fid_ref=str(FID_REF), curve=str(curve)).resolved()
 
 
 def stage_storage(params: Params, suffix: str) -> str:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pandas as pd
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from .errors import PipelineError
+from msdm.config import to_dict
 from msdm.io import atomic_path
 
+from .errors import PipelineError
 from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec
 
 
@@ -41,21 +42,19 @@ def sweep_name(spec: RunSpec) -> str:
     Hashed from a trial's params, so train fields that every trial overrides (train.steps,
     train.seed, ...) do not rename the experiment: it is restored, not restarted.
     """
-    from msdm.config import to_dict
-
     params = trial_params(spec.params, "const", spec.params.sweep.targets[0], 0)
     return f"sweep-{run_digest(params, Path(spec.paths.latents), extra={'sweep': to_dict(params)['sweep']})}"
 
 
-def one_trial(spec: RunSpec, out_dir: Path, strategy: str, target: str, seed: int) -> RunSpec:
+def one_trial(spec: RunSpec, out_dir: Path, runs: str, strategy: str, target: str, seed: int) -> RunSpec:
     curve = trial_dir(out_dir, strategy, target, seed) / "curve.csv"
-    return trial_spec(spec, strategy, target, seed, curve=str(curve), storage=f"{spec.storage}/{sweep_name(spec)}-runs")
+    return trial_spec(spec, strategy, target, seed, curve=str(curve), storage=runs)
 
 
-def trial_specs(spec: RunSpec, out_dir: Path) -> list[RunSpec]:
+def trial_specs(spec: RunSpec, out_dir: Path, runs: str) -> list[RunSpec]:
     """Every trial's spec, validated on the driver before Tune starts anything."""
     s = spec.params.sweep
-    return [one_trial(spec, out_dir, strategy, target, seed)
+    return [one_trial(spec, out_dir, runs, strategy, target, seed)
             for strategy in s.strategies for target in s.targets for seed in s.seeds]
 
 
@@ -69,7 +68,8 @@ def _trial(config: dict) -> None:
     name = trial_name(strategy, target, seed)
     if name in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):  # fault injection for tests
         raise RuntimeError(f"injected failure in trial {name} (MSDM_INJECT_TRIAL_ERROR)")
-    spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), strategy, target, seed)
+    spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), config["runs"], strategy, target,
+                     seed)
     fit(spec, progress=False, callbacks=[TuneReportCallback()])
 
 
@@ -113,13 +113,15 @@ def run_sweep(spec: RunSpec, out_dir: Path) -> SweepOutputs:
 
     out_dir = out_dir.resolve()
     s = spec.params.sweep
-    trials = trial_specs(spec, out_dir)
     name = sweep_name(spec)
+    runs = f"{spec.storage}/{name}-runs"
+    trials = trial_specs(spec, out_dir, runs)
     # The Train workers hold the trial's CPUs and GPUs; its driver only waits on them, but Tune
     # needs every trial to hold something, and memory is what the driver does use.
     trainable = tune.with_resources(_trial, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     space = {"strategy": tune.grid_search(list(s.strategies)), "target": tune.grid_search(list(s.targets)),
-             "seed": tune.grid_search(list(s.seeds)), "spec": spec.to_dict(), "out_dir": str(out_dir)}
+             "seed": tune.grid_search(list(s.seeds)), "spec": spec.to_dict(), "out_dir": str(out_dir),
+             "runs": runs}
     experiment = f"{spec.storage}/{name}"
     start = time.perf_counter()
     if tune.Tuner.can_restore(experiment):

@@ -17,7 +17,7 @@ import yaml
 from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env, kill_marked_processes
 from msdm.config import Params, load_params, update
 from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec
-from pipeline.sweep import one_trial
+from pipeline.sweep import one_trial, sweep_name
 
 # One xdist group: the tests share the module's tiny repo and run in order on one worker.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("e2e")]
@@ -122,7 +122,7 @@ def test_a_trial_is_the_train_run_with_only_the_fields_trial_spec_sets(tmp_path)
     params = update(base, {"sweep": {"preset": "vit-small", "num_workers": 2, "cpus_per_worker": 3, "use_gpu": True,
                                      "steps": 77, "eval_every": 11, "num_samples": 33}})
     train = sweep_of(params, tmp_path)
-    trial = one_trial(train, tmp_path / "out", "min_snr", "eps", 7)
+    trial = one_trial(train, tmp_path / "out", f"{train.storage}/{sweep_name(train)}-runs", "min_snr", "eps", 7)
     diff = spec_diff(train, trial)
     assert set(diff) == TRIAL_SETS | {"paths.curve", "name", "storage"}
     assert {k: v[1] for k, v in diff.items() if k in TRIAL_SETS} == {
@@ -141,9 +141,10 @@ def test_train_fields_every_trial_overrides_change_no_trial(tmp_path):
                             "train": {"steps": 7, "seed": 9, "checkpoint_every": 3, "num_workers": 4,
                                       "cpus_per_worker": 1},
                             "eval": {"every": 5, "num_samples": 11, "final_num_samples": 13}})
+    specs = [sweep_of(p, tmp_path) for p in (base, changed)]
+    assert sweep_name(specs[0]) == sweep_name(specs[1])  # the same Tune experiment: a rerun restores it
     for strategy, target, seed in (("const", "x0", 0), ("dysigma", "v", 2)):
-        a = one_trial(sweep_of(base, tmp_path), tmp_path, strategy, target, seed)
-        b = one_trial(sweep_of(changed, tmp_path), tmp_path, strategy, target, seed)
+        a, b = (one_trial(s, tmp_path, f"{s.storage}/{sweep_name(s)}-runs", strategy, target, seed) for s in specs)
         # the same Tune experiment name and the same trial runs (storage, name): a restore resumes them
         assert set(spec_diff(a, b)) == NEVER_READ_BY_A_TRIAL
 
