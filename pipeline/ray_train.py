@@ -32,7 +32,7 @@ class TrainingFailedError(PipelineError):
 @dataclass
 class RunSummary:
     metrics: dict
-    checkpoint_dir: Path
+    checkpoint: "ray.train.Checkpoint"  # the run's last checkpoint, where Ray stored it (not copied)
 
 
 class RayTrainHooks(TrainHooks):
@@ -136,7 +136,7 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
 
 
 def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()) -> RunSummary:
-    """Run (or resume) the spec's training to the end; the final checkpoint is copied locally."""
+    """Run (or resume) the spec's training to the end."""
     import ray.train
 
     trainer = build_trainer(spec, progress=progress, callbacks=callbacks)
@@ -152,9 +152,7 @@ def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()) -> Ru
         raise TrainingFailedError(f"training run {spec.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise TrainingFailedError(f"training run {spec.name} reported no checkpoint")
-    local = Path(tempfile.mkdtemp(prefix="msdm-final-"))
-    ckpt_dir = Path(result.checkpoint.to_directory(str(local)))
-    return RunSummary(metrics=dict(result.metrics or {}), checkpoint_dir=ckpt_dir)
+    return RunSummary(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint)
 
 
 def _failure_reason(error: Exception) -> str:
@@ -169,9 +167,14 @@ def _failure_reason(error: Exception) -> str:
     return first_line(error)
 
 
-def export_final_model(spec: RunSpec, checkpoint_dir: Path, out: Path) -> None:
-    """models/diffusion.pt: the EMA backbone weights plus what is needed to rebuild it."""
-    state = safe_torch_load(checkpoint_dir / CHECKPOINT_FILE, made_by="train")
+def export_final_model(spec: RunSpec, checkpoint, out: Path) -> None:
+    """models/diffusion.pt: the EMA backbone weights plus what is needed to rebuild it.
+
+    `checkpoint` is a `ray.train.Checkpoint`: read in place on local storage, downloaded to a
+    temporary directory (removed afterwards) from remote storage.
+    """
+    with checkpoint.as_directory() as checkpoint_dir:
+        state = safe_torch_load(Path(checkpoint_dir) / CHECKPOINT_FILE, made_by="train")
     meta = json.loads((Path(spec.paths.latents) / "meta.json").read_text())
     atomic_torch_save({"ema": state["ema"], "step": state["step"], "params": to_dict(spec.params),
                        "latent_meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},

@@ -171,7 +171,7 @@ def body(params: Params, args) -> None:
     init_ray(params.ray)
     spec = train_spec(params, paths, stage_storage(params, "train"))
     summary = fit(spec)
-    export_final_model(spec, summary.checkpoint_dir, MODEL_OUT)
+    export_final_model(spec, summary.checkpoint, MODEL_OUT)
     atomic_write_json({**summary.metrics, "run_name": spec.name}, METRICS)
     print(f"train: {summary.metrics}")
 
