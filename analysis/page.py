@@ -19,7 +19,7 @@ def _fmt(value, spec: str = ".2f") -> str:
 
 
 def results_markdown(report: dict, run: dict) -> str:
-    """`report`: what stages.report builds; `run`: stages.report.run_description (commit, machine,
+    """`report`: what stages.report builds; `run`: analysis.report.run_description (commit, machine,
     the sweep section, train batch size and lr, the sampler)."""
     s = run["sweep"]
     lines = [

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from msdm import data
-from msdm.ae_train import reconstruction_metrics, train_autoencoder
-from msdm.config import load_params, replace
+from msdm.autoencoder_training import reconstruction_metrics, train_autoencoder
+from msdm.config import replace
+from pipeline.config import load_params
 from msdm.io import atomic_write_json
 from msdm.losses import ReconstructionLoss
 from msdm.multispace import build_autoencoder, count_parameters

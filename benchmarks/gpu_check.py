@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdm.config import Params, replace  # noqa: E402
+from msdm.config import replace  # noqa: E402
+from pipeline.config import PipelineParams  # noqa: E402
 from msdm.diffusion import GaussianDiffusion  # noqa: E402
 from msdm.diffusion_loss import DiffusionLoss  # noqa: E402
 from msdm.models.vit import build_vit  # noqa: E402
@@ -47,7 +48,7 @@ def train_step_flops(model, loss_fn, x, y) -> float:
 def bench_vit(device: torch.device, preset: str, batch: int, size: int, channels: int, steps: int,
               compile_model: bool) -> dict:
     torch.manual_seed(0)
-    strategy = build_strategy(Params().weighting.__class__(strategy="min_snr"), 1)
+    strategy = build_strategy(PipelineParams().weighting.__class__(strategy="min_snr"), 1)
     model = build_vit(preset, in_channels=channels, image_size=size, patch_size=2, num_classes=1000,
                       learn_sigma=False).to(device)
     diffusion = GaussianDiffusion(1000)
@@ -123,7 +124,7 @@ def bench_ray(use_gpu: bool, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = synthetic_store(Path(tmp) / "latents")
-        p = replace(Params(), "train", steps=steps, batch_size=64, use_gpu=use_gpu, num_workers=1,
+        p = replace(PipelineParams(), "train", steps=steps, batch_size=64, use_gpu=use_gpu, num_workers=1,
                     cpus_per_worker=1, checkpoint_every=steps, precision="bf16")
         p = replace(p, "model", preset="vit-small")
         init_ray(p.ray)
@@ -146,7 +147,7 @@ def bench_sweep(use_gpu: bool, steps: int) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         store = synthetic_store(Path(tmp) / "latents")
-        p = update(Params(), {
+        p = update(PipelineParams(), {
             "train": {"batch_size": 64, "precision": "auto"},
             "sweep": {"strategies": ["const", "dysigma"], "targets": ["x0"], "seeds": [0], "steps": steps,
                       "eval_every": steps // 2, "preset": "vit-small", "num_workers": 1, "cpus_per_worker": 1,

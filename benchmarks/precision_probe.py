@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/precision_probe.py --table         # the per-machine table of all records
 
 The two steps are the ones that dominate the default pipeline's time: the stage-1
-autoencoder at batch 32 (as msdm.ae_train runs it) and the vit-tiny/2 diffusion step at
+autoencoder at batch 32 (as msdm.autoencoder_training runs it) and the vit-tiny/2 diffusion step at
 batch 64 on 12x8x8 latents (the bare step of benchmarks/cpubench). One thread, so machines
 with different core counts compare. fp32 and bf16 run interleaved (A B, B A, A B) and the
 median over repeats is kept. The record names the CPU's ISA flags and what
@@ -32,7 +32,7 @@ from cpubench.common import (BareTrainer, EpochBatches, bench_params, interleave
                              synthetic_latents, time_steps)
 from cpubench.machine import describe_machine  # noqa: E402
 from cpubench.precision import autoencoder_step  # noqa: E402
-from msdm.config import load_params  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from msdm.data import image_channels  # noqa: E402
 
 RECORDS = REPO / "benchmarks" / "records"

@@ -44,7 +44,8 @@ import torch  # noqa: E402
 from cpubench import report  # noqa: E402
 from cpubench.common import Context  # noqa: E402
 from cpubench.machine import describe_machine, load_average  # noqa: E402
-from msdm.config import ConfigError, load_params  # noqa: E402
+from msdm.config import ConfigError  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 
 # name -> (module under cpubench, function); imported only when run (Ray is slow to import)
 BENCHMARKS = {

@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 sys.path.insert(0, str(REPO))
 
 from cpubench.machine import describe_machine  # noqa: E402
-from msdm.config import load_params, replace, update  # noqa: E402
+from msdm.config import replace, update  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 
 # (label, sampler, steps, spacing, clip_x0)
 VARIANTS = [
@@ -75,7 +76,7 @@ def fid_of(params, store, info, model, variant, samples: int, seed: int, ws: Pat
 
 def train_const(params, latents, labels, info, target: str, steps: int):
     """EMA backbone of a const-weighted model of `target`, trained in-process."""
-    from msdm.train import train_loop
+    from msdm.diffusion_training import train_loop
 
     p = replace(params, "diffusion", target=target)
     p = replace(p, "weighting", strategy="const")
@@ -94,7 +95,7 @@ def train_const(params, latents, labels, info, target: str, steps: int):
 
 def study(p, store, info, state, label: str, samples: int, ws: Path, only: list[str]) -> dict:
     """FID of every variant on one model, trained with params `p`."""
-    from msdm.train import build_model
+    from msdm.diffusion_training import build_model
 
     model = build_model(p, info).backbone.eval()
     model.load_state_dict(state)
@@ -152,7 +153,7 @@ def main() -> int:
 
     from msdm.io import safe_torch_load
     from msdm.latents import LatentStore
-    from msdm.train import latent_info
+    from msdm.diffusion_training import latent_info
 
     ws = a.workspace.resolve()
     params = load_params(ws / "params.yaml")
@@ -168,7 +169,7 @@ def main() -> int:
               "models": {}}
     start = time.perf_counter()
     if a.checkpoint:
-        state = safe_torch_load(ws / a.checkpoint, made_by="train")
+        state = safe_torch_load(ws / a.checkpoint)
         label = f"{params.weighting.strategy} {params.diffusion.target} step {int(state['step'])}"
         record["models"][label] = study(params, store, info, state["ema"], label, a.samples, ws, a.only)
     for target in a.targets:

@@ -18,8 +18,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from msdm.config import load_params, replace, update  # noqa: E402
-from msdm.train import TrainHooks  # noqa: E402
+from msdm.config import replace, update  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from msdm.diffusion_training import TrainHooks  # noqa: E402
 from pipeline.ray_train import run_worker  # noqa: E402
 from pipeline.spec import RunSpec, repo_paths  # noqa: E402
 

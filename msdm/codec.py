@@ -193,22 +193,21 @@ def save_sd_vae(codec: SdVaeCodec, path: str | Path) -> None:
 def _load_sd_vae_file(path: str | Path) -> tuple[nn.Module, dict]:
     from diffusers import AutoencoderKL
 
-    payload = safe_torch_load(path, made_by="autoencoder")
-    fix = "Rerun the stage that makes it: dvc repro -f autoencoder"
+    payload = safe_torch_load(path)
     if not isinstance(payload, dict) or "kind" not in payload:
-        raise CorruptFileError(f"{path}: not an autoencoder checkpoint (no kind). {fix}")
+        raise CorruptFileError(f"{path}: not an autoencoder checkpoint (no kind)")
     if payload["kind"] != SD_VAE_KIND:
         raise CodecError(f"{path}: holds a {payload['kind']!r} autoencoder, but autoencoder.kind is "
-                         f"{SD_VAE_KIND!r}. {fix}")
+                         f"{SD_VAE_KIND!r}")
     if payload.get("format") != SD_VAE_FORMAT or not {"config", "state_dict", "source"} <= set(payload):
         raise CorruptFileError(f"{path}: sd-vae checkpoint format {payload.get('format')!r} or keys "
-                               f"{sorted(payload)} not understood. {fix}")
+                               f"{sorted(payload)} not understood")
     try:
         vae = AutoencoderKL.from_config(payload["config"])
         vae.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CorruptFileError(f"{path}: config and weights do not fit together "
-                               f"({type(e).__name__}: {str(e).splitlines()[0]}). {fix}") from None
+                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return vae, payload
 
 
@@ -244,14 +243,14 @@ def load_codec(cfg, model_path: str | Path = "models/autoencoder.pt") -> LatentC
         differ = {k: (model.config[k], v) for k, v in wanted.items() if model.config[k] != v}
         if differ:
             detail = ", ".join(f"autoencoder.{k} = {v!r} but the checkpoint has {c!r}" for k, (c, v) in differ.items())
-            raise ValueError(f"{model_path}: was trained with another architecture ({detail}). "
-                             f"Retrain it: dvc repro autoencoder")
+            raise CodecError(f"{model_path}: was trained with another architecture ({detail}). "
+                             f"Retrain it with these params")
         return MultiSpaceCodec(model)
     if cfg.kind == SD_VAE_KIND:
         vae, payload = _load_sd_vae_file(model_path)
         if payload["source"] != cfg.path:
             raise CodecError(f"{model_path}: holds the SD VAE from {payload['source']!r}, but autoencoder.path is "
-                             f"{cfg.path!r}. Re-import it: dvc repro autoencoder")
+                             f"{cfg.path!r}. Re-import it from autoencoder.path")
         return sd_vae_codec(cfg, vae, int(payload.get("image_channels", 3)), payload["source"])
     raise NotImplementedError(f"autoencoder.kind: {cfg.kind!r} has no codec; implement LatentCodec for it in "
                               f"msdm/codec.py (available: 'multispace', 'sd-vae')")

@@ -20,7 +20,8 @@ class ConfigError(ValueError):
     """A params.yaml value that is missing, unknown, mistyped or out of range."""
 
 
-def _f(default: Any, *, choices=None, min=None, max=None, min_exclusive=False, doc: str = ""):
+def option(default: Any, *, choices=None, min=None, max=None, min_exclusive=False, doc: str = ""):
+    """A config field: its default, and what values are allowed (checked when params are loaded)."""
     meta = {"choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive, "doc": doc}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda d=default: type(d)(d), metadata=meta)
@@ -39,142 +40,113 @@ EXTRACTORS = ("featurenet", "inception-v3-compat")
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = _f("fashion_mnist", choices=DATASETS)
-    root: str = _f("data/raw", doc="where datasets live or are downloaded to")
-    image_size: int = _f(32, min=8, max=1024)
-    download: bool = _f(True, doc="allow a network download when the files are not found locally")
+    dataset: str = option("fashion_mnist", choices=DATASETS)
+    root: str = option("data/raw", doc="where datasets live or are downloaded to")
+    image_size: int = option(32, min=8, max=1024)
+    download: bool = option(True, doc="allow a network download when the files are not found locally")
 
 
 @dataclass(frozen=True)
 class AutoencoderConfig:
-    kind: str = _f("multispace", choices=("multispace", "sd-vae"))
-    path: str = _f("stabilityai/sd-vae-ft-mse", doc="sd-vae: local folder or hub id")
-    subspaces: int = _f(3, min=1, max=16, doc="K")
-    channels: int = _f(4, min=1, max=64, doc="C, channels per subspace")
-    downsample: int = _f(4, choices=(1, 2, 4, 8, 16), doc="f")
-    widths: list = _f([32, 64])
-    attn_heads: int = _f(4, min=1, max=64)
-    ssim_weight: float = _f(0.3, min=0.0, max=1.0, doc="lambda in lambda*(1-SSIM)+(1-lambda)*Huber")
-    recon_loss: str = _f("hybrid", choices=("hybrid", "l2"))
-    huber_delta: float = _f(0.1, min=0.0, min_exclusive=True)
-    steps: int = _f(2000, min=0)
-    batch_size: int = _f(128, min=1)
-    lr: float = _f(2e-3, min=0.0, min_exclusive=True)
-    seed: int = _f(0, min=0)
-    precision: str = _f("auto", choices=PRECISIONS)
+    kind: str = option("multispace", choices=("multispace", "sd-vae"))
+    path: str = option("stabilityai/sd-vae-ft-mse", doc="sd-vae: local folder or hub id")
+    subspaces: int = option(3, min=1, max=16, doc="K")
+    channels: int = option(4, min=1, max=64, doc="C, channels per subspace")
+    downsample: int = option(4, choices=(1, 2, 4, 8, 16), doc="f")
+    widths: list = option([32, 64])
+    attn_heads: int = option(4, min=1, max=64)
+    ssim_weight: float = option(0.3, min=0.0, max=1.0, doc="lambda in lambda*(1-SSIM)+(1-lambda)*Huber")
+    recon_loss: str = option("hybrid", choices=("hybrid", "l2"))
+    huber_delta: float = option(0.1, min=0.0, min_exclusive=True)
+    steps: int = option(2000, min=0)
+    batch_size: int = option(128, min=1)
+    lr: float = option(2e-3, min=0.0, min_exclusive=True)
+    seed: int = option(0, min=0)
+    precision: str = option("auto", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
 class EncodeConfig:
-    batch_size: int = _f(1000, min=1)
-    shard_size: int = _f(20000, min=1)
+    batch_size: int = option(1000, min=1)
+    shard_size: int = option(20000, min=1)
 
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    timesteps: int = _f(1000, min=2, max=100000)
-    schedule: str = _f("cosine", choices=("cosine", "linear"))
-    target: str = _f("x0", choices=TARGETS)
+    timesteps: int = option(1000, min=2, max=100000)
+    schedule: str = option("cosine", choices=("cosine", "linear"))
+    target: str = option("x0", choices=TARGETS)
 
 
 @dataclass(frozen=True)
 class WeightingConfig:
-    strategy: str = _f("dysigma_min_snr", choices=STRATEGIES)
-    gamma: float = _f(5.0, min=0.0, min_exclusive=True, doc="min_snr / dysigma_min_snr clip")
-    clamp_max: float = _f(10.0, min=0.0, min_exclusive=True, doc="dysigma weight upper clamp")
-    fourier_features: int = _f(128, min=1, max=4096, doc="learned u(t): random Fourier features")
-    sigma_data: float = _f(0.5, min=0.0, min_exclusive=True, doc="soft_min_snr")
-    p2_k: float = _f(1.0, min=0.0, min_exclusive=True)
-    p2_gamma: float = _f(1.0, min=0.0)
-    buckets: int = _f(10, min=1, max=1000, doc="t-buckets for weight logging")
+    strategy: str = option("dysigma_min_snr", choices=STRATEGIES)
+    gamma: float = option(5.0, min=0.0, min_exclusive=True, doc="min_snr / dysigma_min_snr clip")
+    clamp_max: float = option(10.0, min=0.0, min_exclusive=True, doc="dysigma weight upper clamp")
+    fourier_features: int = option(128, min=1, max=4096, doc="learned u(t): random Fourier features")
+    sigma_data: float = option(0.5, min=0.0, min_exclusive=True, doc="soft_min_snr")
+    p2_k: float = option(1.0, min=0.0, min_exclusive=True)
+    p2_gamma: float = option(1.0, min=0.0)
+    buckets: int = option(10, min=1, max=1000, doc="t-buckets for weight logging")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    preset: str = _f("vit-tiny", choices=PRESETS)
-    patch_size: int = _f(2, min=1, max=32)
-    label_dropout: float = _f(0.15, min=0.0, max=1.0)
+    preset: str = option("vit-tiny", choices=PRESETS)
+    patch_size: int = option(2, min=1, max=32)
+    label_dropout: float = option(0.15, min=0.0, max=1.0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = _f(4000, min=0)
-    batch_size: int = _f(64, min=1, doc="global batch, split over workers")
-    lr: float = _f(1e-3, min=0.0, min_exclusive=True)
-    betas: list = _f([0.9, 0.99])
-    weight_decay: float = _f(0.03, min=0.0)
-    ema_decay: float = _f(0.995, min=0.0, max=1.0)
-    grad_clip: float = _f(1.0, min=0.0, doc="0 disables clipping")
-    precision: str = _f("auto", choices=PRECISIONS, doc="also the sweep's and evaluation's sampling")
-    num_workers: int = _f(1, min=1, max=4096)
-    use_gpu: bool = _f(False)
-    cpus_per_worker: int = _f(2, min=1, max=512)
-    checkpoint_every: int = _f(1000, min=1)
-    log_every: int = _f(100, min=1)
-    max_nan_skips: int = _f(3, min=0, doc="non-finite losses skipped before the run stops")
-    max_failures: int = _f(2, min=0, doc="Ray Train worker restarts from the last checkpoint")
-    seed: int = _f(0, min=0)
+    steps: int = option(4000, min=0)
+    batch_size: int = option(64, min=1, doc="global batch, split over workers")
+    lr: float = option(1e-3, min=0.0, min_exclusive=True)
+    betas: list = option([0.9, 0.99])
+    weight_decay: float = option(0.03, min=0.0)
+    ema_decay: float = option(0.995, min=0.0, max=1.0)
+    grad_clip: float = option(1.0, min=0.0, doc="0 disables clipping")
+    precision: str = option("auto", choices=PRECISIONS, doc="also the sweep's and evaluation's sampling")
+    num_workers: int = option(1, min=1, max=4096)
+    use_gpu: bool = option(False)
+    cpus_per_worker: int = option(2, min=1, max=512)
+    checkpoint_every: int = option(1000, min=1)
+    log_every: int = option(100, min=1)
+    max_nan_skips: int = option(3, min=0, doc="non-finite losses skipped before the run stops")
+    max_failures: int = option(2, min=0, doc="Ray Train worker restarts from the last checkpoint")
+    seed: int = option(0, min=0)
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = _f(1000, min=1, doc="steps between FID evaluations of the EMA weights")
-    num_samples: int = _f(1000, min=2)
-    final_num_samples: int = _f(5000, min=2)
-    sampler: str = _f("dpmpp_2m", choices=SAMPLERS)
-    sampling_steps: int = _f(20, min=1)
-    spacing: str = _f("leading", choices=SPACINGS, doc="timestep grid; leading never calls the model at T-1")
-    clip_x0: bool = _f(True, doc="clamp x0 to the per-channel range of the training latents")
-    eta: float = _f(0.0, min=0.0, max=1.0)
-    cfg_scale: float = _f(1.0, min=0.0)
-    batch_size: int = _f(500, min=1)
-    seed: int = _f(1234, min=0)
+    every: int = option(1000, min=1, doc="steps between FID evaluations of the EMA weights")
+    num_samples: int = option(1000, min=2)
+    final_num_samples: int = option(5000, min=2)
+    sampler: str = option("dpmpp_2m", choices=SAMPLERS)
+    sampling_steps: int = option(20, min=1)
+    spacing: str = option("leading", choices=SPACINGS, doc="timestep grid; leading never calls the model at T-1")
+    clip_x0: bool = option(True, doc="clamp x0 to the per-channel range of the training latents")
+    eta: float = option(0.0, min=0.0, max=1.0)
+    cfg_scale: float = option(1.0, min=0.0)
+    batch_size: int = option(500, min=1)
+    seed: int = option(1234, min=0)
 
 
 @dataclass(frozen=True)
 class FIDConfig:
-    extractor: str = _f("featurenet", choices=EXTRACTORS)
-    weights_path: str = _f("", doc="inception-v3-compat: local state_dict; empty = standard download")
-    reference_stats: str = _f("", doc="optional precomputed mu/sigma .npz (e.g. ADM VIRTUAL_imagenet)")
+    extractor: str = option("featurenet", choices=EXTRACTORS)
+    weights_path: str = option("", doc="inception-v3-compat: local state_dict; empty = standard download")
+    reference_stats: str = option("", doc="optional precomputed mu/sigma .npz (e.g. ADM VIRTUAL_imagenet)")
 
 
 @dataclass(frozen=True)
 class FeatureNetConfig:
-    steps: int = _f(1000, min=0)
-    batch_size: int = _f(256, min=1)
-    lr: float = _f(2e-3, min=0.0, min_exclusive=True)
-    feature_dim: int = _f(128, min=2, max=4096)
-    seed: int = _f(0, min=0)
-    precision: str = _f("auto", choices=PRECISIONS)
-
-
-@dataclass(frozen=True)
-class SweepConfig:
-    strategies: list = _f(["const", "min_snr", "dysigma"])
-    targets: list = _f(["x0", "eps", "v"], doc="prediction targets; each compared with const of the same target")
-    seeds: list = _f([0, 1, 2])
-    steps: int = _f(400, min=1)
-    eval_every: int = _f(100, min=1)
-    num_samples: int = _f(500, min=2)
-    preset: str = _f("vit-tiny", choices=PRESETS)
-    # per-trial resources: every trial is a Ray Train run like `train`, with these workers
-    num_workers: int = _f(1, min=1, max=4096, doc="Ray Train workers per trial (DDP when > 1)")
-    cpus_per_worker: int = _f(1, min=1, max=512)
-    use_gpu: bool = _f(False, doc="one GPU per worker")
-
-
-@dataclass(frozen=True)
-class RayConfig:
-    address: str = _f("", doc="empty: start a local cluster; else a cluster address or 'auto'")
-    storage_path: str = _f("results/ray", doc="local dir, NFS path or s3:// URI for checkpoints")
-    num_cpus: int = _f(0, min=0, doc="0: all local cores")
-
-
-@dataclass(frozen=True)
-class TrackingConfig:
-    wandb: bool = _f(False, doc="log from rank 0 to Weights & Biases (pip install wandb==0.31.0)")
-    project: str = _f("msdm")
-    mode: str = _f("offline", choices=("offline", "online", "disabled"))
+    steps: int = option(1000, min=0)
+    batch_size: int = option(256, min=1)
+    lr: float = option(2e-3, min=0.0, min_exclusive=True)
+    feature_dim: int = option(128, min=2, max=4096)
+    seed: int = option(0, min=0)
+    precision: str = option("auto", choices=PRECISIONS)
 
 
 @dataclass(frozen=True)
@@ -189,9 +161,11 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     fid: FIDConfig = field(default_factory=FIDConfig)
     featurenet: FeatureNetConfig = field(default_factory=FeatureNetConfig)
-    sweep: SweepConfig = field(default_factory=SweepConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        """Checks across fields (one field's range is checked as it is read). A subclass that adds
+        sections (pipeline.config.PipelineParams) extends this."""
+        _cross_checks(self)
 
 
 def _type_ok(value: Any, tp: Any) -> bool:
@@ -260,11 +234,13 @@ def build_section(cls: type, raw: Any, prefix: str):
     return cls(**kwargs)
 
 
-def _cross_checks(p: Params) -> None:
-    def need(cond: bool, msg: str):
-        if not cond:
-            raise ConfigError(msg)
+def need(cond: bool, msg: str) -> None:
+    """Raise ConfigError(msg) unless `cond`: one cross-field check."""
+    if not cond:
+        raise ConfigError(msg)
 
+
+def _cross_checks(p: Params) -> None:
     need(len(p.train.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in p.train.betas),
          f"train.betas: got {p.train.betas!r}, expected two numbers in [0, 1)")
     need(len(p.autoencoder.widths) >= 1 and all(isinstance(w, int) and not isinstance(w, bool) and w > 0
@@ -290,29 +266,14 @@ def _cross_checks(p: Params) -> None:
          f"eval.sampling_steps: {p.eval.sampling_steps} exceeds diffusion.timesteps {p.diffusion.timesteps}")
     need(p.eval.eta == 0 or p.eval.sampler == "ddim",
          f"eval.eta: {p.eval.eta} only applies to eval.sampler 'ddim' (got {p.eval.sampler!r}); set it to 0")
-    need(p.train.batch_size % p.sweep.num_workers == 0,
-         f"train.batch_size: {p.train.batch_size} is not divisible by sweep.num_workers {p.sweep.num_workers}")
-    need(p.train.precision != "fp16" or p.sweep.use_gpu,
-         "train.precision: 'fp16' needs sweep.use_gpu: true as well (the sweep's trials train in it)")
-    need(len(p.sweep.strategies) >= 1, "sweep.strategies: expected at least one strategy")
-    for s in p.sweep.strategies:
-        need(s in STRATEGIES, f"sweep.strategies: got {s!r}, expected each of {', '.join(STRATEGIES)}")
-    need("const" in p.sweep.strategies, "sweep.strategies: must include 'const', the speedup baseline")
-    need(len(set(p.sweep.strategies)) == len(p.sweep.strategies), "sweep.strategies: duplicate entries")
-    need(len(p.sweep.targets) >= 1 and all(t in TARGETS for t in p.sweep.targets),
-         f"sweep.targets: got {p.sweep.targets!r}, expected a non-empty list of {', '.join(TARGETS)}")
-    need(len(set(p.sweep.targets)) == len(p.sweep.targets), "sweep.targets: duplicate entries")
-    need(len(p.sweep.seeds) >= 1 and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                                         for s in p.sweep.seeds),
-         f"sweep.seeds: got {p.sweep.seeds!r}, expected a non-empty list of non-negative integers")
-    need(len(set(p.sweep.seeds)) == len(p.sweep.seeds), "sweep.seeds: duplicate entries")
 
 
-def params_from_dict(raw: Any) -> Params:
+def params_from_dict(raw: Any, cls: type[Params] = Params) -> Params:
+    """Validated `cls` (Params, or a subclass with more sections) from a mapping of sections."""
     if not isinstance(raw, dict):
         raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
-    p = build_section(Params, raw, "")
-    _cross_checks(p)
+    p = build_section(cls, raw, "")
+    p.validate()
     return p
 
 
@@ -326,10 +287,10 @@ def read_yaml(path: Path, *, missing_hint: str, error: type[ConfigError] = Confi
         raise error(f"{path}: not valid YAML: {e}") from None
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
+def load_params(path: str | Path = "params.yaml", cls: type[Params] = Params) -> Params:
     path = Path(path)
     raw = read_yaml(path, missing_hint="params file not found (run from the repository root)")
-    return params_from_dict(raw if raw is not None else {})
+    return params_from_dict(raw if raw is not None else {}, cls)
 
 
 def replace(p: Params, section: str, **changes) -> Params:
@@ -342,7 +303,7 @@ def update(p: Params, changes: dict[str, dict]) -> Params:
     raw = to_dict(p)
     for section, fields in changes.items():
         raw[section].update(fields)
-    return params_from_dict(raw)
+    return params_from_dict(raw, type(p))
 
 
 def to_dict(p: Any) -> dict:

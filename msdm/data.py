@@ -61,8 +61,8 @@ SPLITS = ("train", "test")
 
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 APT_FIX = "apt-get install -y dataset-fashion-mnist"
-RERUN_FIX = "dvc repro -f download (or: python -m stages.download)"
-DELETE_AND_RERUN = f"delete it and rerun {RERUN_FIX}"
+RERUN_FIX = "prepare the dataset again"  # the download stage's CLI adds its `dvc repro` command
+DELETE_AND_RERUN = f"delete it and {RERUN_FIX}"
 
 # MD5 of what those .gz files decompress to. Debian's package holds the same compressed
 # stream, but its build (strip-nondeterminism) rewrote the gzip header (mtime, file name),
@@ -604,6 +604,12 @@ def _decode_all(dataset: Dataset, desc: str) -> tuple[torch.Tensor, torch.Tensor
         images.append(to_uint8(x))
         labels.append(torch.as_tensor(y, dtype=torch.int64))
     return torch.cat(images), torch.cat(labels)
+
+
+def first_images(cfg: DataConfig, split: str, n: int) -> torch.Tensor:
+    """uint8 [min(n, N), C, S, S]: the split's first images, decoded without reading the whole split."""
+    dataset = load_split(cfg, split)
+    return torch.stack([to_uint8(dataset[i][0]) for i in range(min(n, len(dataset)))])
 
 
 def load_split(cfg: DataConfig, split: str) -> Dataset:

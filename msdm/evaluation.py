@@ -14,7 +14,7 @@ from .weighting import strategy_learns_variance
 
 if TYPE_CHECKING:
     from .latents import LatentStore
-    from .train import LatentInfo
+    from .diffusion_training import LatentInfo
 
 
 def balanced_labels(n: int, num_classes: int, device="cpu") -> Tensor | None:

@@ -57,20 +57,28 @@ def atomic_write_json(obj: Any, path: str | Path) -> None:
     atomic_write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
-def safe_torch_load(path: str | Path, *, made_by: str = "") -> Any:
+def safe_torch_load(path: str | Path) -> Any:
     """Load a torch file with `weights_only=True`, turning every failure into a clear error.
 
-    `made_by` names the stage that writes the file, so the message can say how to fix it.
+    The message names the file and what is wrong with it; the caller (a stage) adds how to
+    remake it.
     """
     path = Path(path)
-    fix = f" Rerun the stage that makes it: dvc repro -f {made_by}" if made_by else ""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found.{fix}")
+        raise FileNotFoundError(f"{path}: not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch raises many types for corrupt/unsafe files
         raise CorruptFileError(
             f"{path}: cannot be loaded as a weights-only torch file "
             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). "
-            f"It is truncated, corrupt, or carries a pickled payload that is refused.{fix}"
+            f"It is truncated, corrupt, or carries a pickled payload that is refused."
         ) from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, streamed (an imported SD VAE is a 335 MB file)."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()

@@ -31,7 +31,7 @@ from msdm.io import CorruptFileError
 
 FORMAT_VERSION = 2  # 2: meta.json records the per-channel min/max
 META_NAME = "meta.json"
-FIX = "Rebuild the latents: dvc repro -f encode"
+FIX = "Re-encode the dataset into a new store"
 
 
 class LatentStoreError(CorruptFileError):

@@ -56,7 +56,6 @@ _EXTRACTOR_SPECS = {
 INCEPTION_FEATURE_DIM = 2048
 IN_MEMORY_DATASETS = ("fashion_mnist", "cifar10")  # msdm.data.load_arrays is fast for these
 MIN_IMAGES_FOR_WORKERS = 2048  # streamed datasets smaller than this decode in the main process
-REFERENCE_STATS_FIX = "dvc repro fid_ref (or: python -m stages.fid_ref)"
 # ITU-R BT.601 luma, the weights PIL uses for RGB -> L.
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -92,7 +91,7 @@ class FeatureNetExtractor(FeatureExtractorBase):
         super().__init__(name, features_list)
         if not feature_extractor_weights_path:
             raise ValueError(f"feature extractor {name!r}: feature_extractor_weights_path is required "
-                             f"(the FeatureNet checkpoint, models/featurenet.pt, made by: dvc repro featurenet)")
+                             f"(the FeatureNet checkpoint)")
         self.net: FeatureNet = load_featurenet(feature_extractor_weights_path)
         self.requires_grad_(False)
         self.eval()
@@ -199,8 +198,7 @@ def _cached_extractor(extractor: str, weights_path: str, stamp: tuple, device: s
     cuda = device == "cuda"
     if extractor == FEATURENET:
         if not weights_path:
-            raise ValueError("fid.extractor 'featurenet' needs its checkpoint path (models/featurenet.pt, "
-                             "made by: dvc repro featurenet)")
+            raise ValueError("fid.extractor 'featurenet' needs the path of its checkpoint")
         return create_feature_extractor(tf_name, [layer], cuda=cuda, verbose=False,
                                         feature_extractor_weights_path=weights_path)
     weights = _inception_weights_bytes(weights_path)
@@ -353,14 +351,15 @@ def save_stats(path: str | Path, stats: dict, *, extractor: str | None = None) -
         np.savez(fh, **arrays)  # a file handle, because np.savez appends '.npz' to other names
 
 
-def load_stats(path: str | Path, *, fix: str = REFERENCE_STATS_FIX) -> dict:
+def load_stats(path: str | Path, *, fix: str = "") -> dict:
     """{'mu', 'sigma', 'extractor' (None for foreign files, e.g. ADM's)} from an .npz.
 
-    `fix` is the remedy named in the errors (default: rerun the fid_ref stage).
+    `fix`, if given, is the remedy the errors name; without it they name the file and the fault.
     """
     path = Path(path)
+    fix = f" Fix: {fix}" if fix else ""
     if not path.is_file():
-        raise MissingReferenceStatsError(f"{path}: FID reference statistics not found. Fix: {fix}")
+        raise MissingReferenceStatsError(f"{path}: FID reference statistics not found.{fix}")
     try:
         with np.load(path, allow_pickle=False) as npz:
             # only these keys: ADM reference batches also carry every image (GBs) as arr_0
@@ -368,11 +367,11 @@ def load_stats(path: str | Path, *, fix: str = REFERENCE_STATS_FIX) -> dict:
             found = sorted(npz.files)
     except Exception as e:  # noqa: BLE001 - zipfile/pickle/value errors for bad files
         raise CorruptFileError(f"{path}: not a readable .npz of FID statistics "
-                               f"({type(e).__name__}: {e}). Fix: {fix}") from None
+                               f"({type(e).__name__}: {e}).{fix}") from None
     missing = [k for k in ("mu", "sigma") if k not in contents]
     if missing:
         raise CorruptFileError(f"{path}: FID statistics need keys 'mu' and 'sigma'; missing {missing}, "
-                               f"found {found}. Fix: {fix}")
+                               f"found {found}.{fix}")
     stats = {"mu": contents["mu"].astype(np.float64), "sigma": contents["sigma"].astype(np.float64)}
     _check_stats_arrays(stats, path, fix)
     extractor = contents.get("extractor")
@@ -382,7 +381,6 @@ def load_stats(path: str | Path, *, fix: str = REFERENCE_STATS_FIX) -> dict:
 
 def _check_stats_arrays(stats: dict, path: Path, fix: str) -> None:
     mu, sigma = stats["mu"], stats["sigma"]
-    fix = f" Fix: {fix}" if fix else ""
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
         raise CorruptFileError(f"{path}: FID statistics need mu [D] and sigma [D, D]; got mu {mu.shape} "
                                f"and sigma {sigma.shape}.{fix}")
@@ -391,15 +389,16 @@ def _check_stats_arrays(stats: dict, path: Path, fix: str) -> None:
 
 
 def check_stats_match(stats: dict, extractor: str, feature_dim: int, path: str | Path,
-                      fix: str = REFERENCE_STATS_FIX) -> None:
+                      fix: str = "") -> None:
     """Refuse statistics made with another extractor or of another feature size."""
     recorded = stats.get("extractor")
+    fix = f" Fix: {fix}" if fix else ""
     if recorded is not None and recorded != extractor:
         raise CorruptFileError(f"{path}: statistics were computed with extractor {recorded!r}, but "
-                               f"fid.extractor is {extractor!r}. Fix: {fix}")
+                               f"fid.extractor is {extractor!r}.{fix}")
     if stats["mu"].shape[0] != feature_dim:
         raise CorruptFileError(f"{path}: statistics have {stats['mu'].shape[0]} features, the {extractor!r} "
-                               f"extractor gives {feature_dim}. Fix: {fix}")
+                               f"extractor gives {feature_dim}.{fix}")
 
 
 # ---------------------------------------------------------------------------- FID

@@ -275,17 +275,16 @@ def save_autoencoder(model: MultiSpaceAutoencoder, path: str | Path, extra: dict
 
 def load_autoencoder(path: str | Path) -> MultiSpaceAutoencoder:
     """Rebuild the model from its stored config and load its weights, in eval mode."""
-    payload = safe_torch_load(path, made_by="autoencoder")
-    fix = "Rerun the stage that makes it: dvc repro -f autoencoder"
+    payload = safe_torch_load(path)
     if not isinstance(payload, dict) or payload.get("kind") != "multispace" or "config" not in payload:
-        raise CorruptFileError(f"{path}: not a multi-space autoencoder checkpoint (no kind/config). {fix}")
+        raise CorruptFileError(f"{path}: not a multi-space autoencoder checkpoint (no kind/config)")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CorruptFileError(f"{path}: checkpoint format {payload.get('format')!r}, expected "
-                               f"{CHECKPOINT_FORMAT}. {fix}")
+                               f"{CHECKPOINT_FORMAT}")
     try:
         model = MultiSpaceAutoencoder(**payload["config"])
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError, KeyError) as e:
         raise CorruptFileError(f"{path}: config and weights do not fit together "
-                               f"({type(e).__name__}: {str(e).splitlines()[0]}). {fix}") from None
+                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.eval()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from msdm.config import RayConfig
+from .config import RayConfig
 
 # Quiet, local-only defaults; set before Ray is imported anywhere in this process.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

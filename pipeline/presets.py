@@ -7,7 +7,7 @@
 
 A preset is a YAML mapping `section: {key: value}` holding the keys its recipe depends on;
 everything else comes from params.yaml. It is validated merged over params.yaml by
-`msdm.config.params_from_dict`, so an unknown key or a bad value is refused with the
+`pipeline.config.params_from_dict`, so an unknown key or a bad value is refused with the
 preset file named. The printed command passes every key as a `-S key=value` override in
 the Hydra syntax DVC parses, so `dvc exp show` lists the run like any other experiment,
 and `--apply` uses DVC's own override code to edit params.yaml without losing comments.
@@ -25,7 +25,9 @@ from typing import Any
 
 import yaml
 
-from msdm.config import ConfigError, Params, load_params, params_from_dict, read_yaml, to_dict
+from msdm.config import ConfigError, read_yaml, to_dict
+
+from .config import PipelineParams, load_params, params_from_dict
 
 PRESET_DIR = Path("configs")
 PARAMS = Path("params.yaml")
@@ -66,8 +68,9 @@ def merge(base: dict, preset: dict, *, source: str) -> dict:
     return merged
 
 
-def preset_params(preset: str | Path | dict, base: Params | None = None, *, source: str | None = None) -> Params:
-    """The validated Params of `preset` (a file or a mapping) over `base` (default: params.yaml)."""
+def preset_params(preset: str | Path | dict, base: PipelineParams | None = None, *,
+                  source: str | None = None) -> PipelineParams:
+    """The validated params of `preset` (a file or a mapping) over `base` (default: params.yaml)."""
     if not isinstance(preset, dict):
         source = source or str(preset)
         preset = load_preset(preset)
@@ -136,7 +139,7 @@ def exp_run_command(preset: dict, name: str, target: str = "") -> str:
     return " ".join(shlex.quote(p) for p in parts).replace(" -S ", " \\\n    -S ")
 
 
-def apply_to_params_file(preset: dict, params_path: str | Path = PARAMS) -> Params:
+def apply_to_params_file(preset: dict, params_path: str | Path = PARAMS) -> PipelineParams:
     """Write the preset into `params_path` through DVC's own -S code (comments survive), then validate."""
     from dvc.utils.hydra import apply_overrides
 

@@ -1,4 +1,4 @@
-"""Ray Train (V2) around the framework-free loop in `msdm.train`: one `RunSpec` -> one `TorchTrainer`.
+"""Ray Train (V2) around the framework-free loop in `msdm.diffusion_training`: one `RunSpec` -> one `TorchTrainer`.
 
 The `train` stage fits it directly; every sweep trial fits the same trainer from inside a
 Tune function trainable (`pipeline.sweep`). `RunConfig(storage_path, name)` comes from the
@@ -11,18 +11,21 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from msdm.config import to_dict
 from msdm.io import atomic_torch_save, safe_torch_load
-from msdm.train import CHECKPOINT_FILE, TrainHooks, TrainResult
+from msdm.diffusion_training import CHECKPOINT_FILE, TrainHooks, DiffusionTrainResult
 
 from .errors import PipelineError
 from .spec import RunSpec
 from .tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
 from .tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
+
+if TYPE_CHECKING:
+    import ray.train
 
 
 class TrainingFailedError(PipelineError):
@@ -32,7 +35,7 @@ class TrainingFailedError(PipelineError):
 @dataclass
 class RunSummary:
     metrics: dict
-    checkpoint: "ray.train.Checkpoint"  # the run's last checkpoint, where Ray stored it (not copied)
+    checkpoint: ray.train.Checkpoint  # the run's last checkpoint, where Ray stored it (not copied)
 
 
 class RayTrainHooks(TrainHooks):
@@ -69,14 +72,14 @@ class RayTrainHooks(TrainHooks):
 
 
 def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True,
-               tracker: Tracker | None = None) -> TrainResult:
+               tracker: Tracker | None = None) -> DiffusionTrainResult:
     """Load the latents and evaluator the spec names, then run the loop. Ray workers and local runs.
 
     `tracker` (pipeline.tracking, rank 0): logs each checkpoint report and each evaluation.
     """
     from msdm.evaluation import build_evaluator
     from msdm.latents import LatentStore
-    from msdm.train import latent_info, train_loop
+    from msdm.diffusion_training import latent_info, train_loop
 
     params, paths = spec.params, spec.paths
     store = LatentStore(paths.latents)
@@ -100,6 +103,8 @@ def _train_fn(config: dict) -> None:
     torch.set_num_threads(assigned_cpu_threads())  # the CPUs per worker, as Ray assigned them
     spec = RunSpec.from_dict(config["spec"])
     hooks = RayTrainHooks()
+    if config["worker_hooks"] is not None:
+        hooks = config["worker_hooks"](hooks, spec)
     tracker = build_tracker(spec.params, rank=hooks.rank, run_name=spec.name,
                             config={**config["spec"]["params"], "world_size": hooks.world_size},
                             directory=config["tracking_dir"])
@@ -111,7 +116,13 @@ def _train_fn(config: dict) -> None:
         tracker.finish(failed=failed)
 
 
-def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()):
+WorkerHooks = Callable[[TrainHooks, RunSpec], TrainHooks]
+
+
+def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
+                  worker_hooks: WorkerHooks | None = None):
+    """The spec's TorchTrainer. `worker_hooks(hooks, spec)`, if given, wraps each worker's hooks
+    (it is pickled to the workers): the seam through which the tests inject faults."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -121,7 +132,7 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
         _train_fn,
         # absolute: Ray workers do not run in the repository directory
         train_loop_config={"spec": spec.to_dict(), "progress": progress,
-                           "tracking_dir": str(DEFAULT_TRACKING_DIR.resolve())},
+                           "tracking_dir": str(DEFAULT_TRACKING_DIR.resolve()), "worker_hooks": worker_hooks},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=res.use_gpu,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
@@ -135,11 +146,12 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
     )
 
 
-def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = ()) -> RunSummary:
+def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
+        worker_hooks: WorkerHooks | None = None) -> RunSummary:
     """Run (or resume) the spec's training to the end."""
     import ray.train
 
-    trainer = build_trainer(spec, progress=progress, callbacks=callbacks)
+    trainer = build_trainer(spec, progress=progress, callbacks=callbacks, worker_hooks=worker_hooks)
     where = f"{spec.storage}/{spec.name}"
     try:
         result = trainer.fit()
@@ -167,14 +179,14 @@ def _failure_reason(error: Exception) -> str:
     return first_line(error)
 
 
-def export_final_model(spec: RunSpec, checkpoint, out: Path) -> None:
+def export_final_model(spec: RunSpec, checkpoint: ray.train.Checkpoint, out: Path) -> None:
     """models/diffusion.pt: the EMA backbone weights plus what is needed to rebuild it.
 
     `checkpoint` is a `ray.train.Checkpoint`: read in place on local storage, downloaded to a
     temporary directory (removed afterwards) from remote storage.
     """
     with checkpoint.as_directory() as checkpoint_dir:
-        state = safe_torch_load(Path(checkpoint_dir) / CHECKPOINT_FILE, made_by="train")
+        state = safe_torch_load(Path(checkpoint_dir) / CHECKPOINT_FILE)
     meta = json.loads((Path(spec.paths.latents) / "meta.json").read_text())
     atomic_torch_save({"ema": state["ema"], "step": state["step"], "params": to_dict(spec.params),
                        "latent_meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},

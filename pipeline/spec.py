@@ -3,7 +3,7 @@
 `train_spec` turns the validated params and the stage's paths into a `RunSpec`; `trial_spec`
 derives a sweep trial from it by changing fields, so a trial is the `train` run with a
 different strategy, target, seed, budget and resources, and nothing else. Everything below
-(`pipeline.ray_train`, `msdm.train`) receives a spec, never params plus overrides.
+(`pipeline.ray_train`, `msdm.diffusion_training`) receives a spec, never params plus overrides.
 """
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from msdm.config import Params, params_from_dict, to_dict, update
+from msdm.config import to_dict, update
+
+from .config import PipelineParams, params_from_dict
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class RunSpec:
-    params: Params
+    params: PipelineParams
     paths: ArtefactPaths
     name: str  # Ray Train run name: a stable name is what makes a rerun resume
     storage: str  # Ray storage path (absolute local path or URI)
@@ -74,7 +76,7 @@ _NOT_RUN_DEFINING = {"train": ("num_workers", "use_gpu", "cpus_per_worker", "max
                      "eval": ("final_num_samples",)}  # the evaluate stage's, never a training run's
 
 
-def run_digest(params: Params, latents_dir: Path, extra: dict | None = None) -> str:
+def run_digest(params: PipelineParams, latents_dir: Path, extra: dict | None = None) -> str:
     """10 hex digits over what defines the run, the latent set it trains on, and `extra`."""
     raw = to_dict(params)
     defining = {k: dict(raw[k]) for k in _RUN_DEFINING}
@@ -100,7 +102,7 @@ def repo_paths(*, curve: Path | str = "") -> ArtefactPaths:
                          fid_ref=str(FID_REF), curve=str(curve)).resolved()
 
 
-def stage_storage(params: Params, suffix: str) -> str:
+def stage_storage(params: PipelineParams, suffix: str) -> str:
     """Where Ray keeps this stage's runs (absolute). Elsewhere than results/ray (NFS, s3://), the
     declared DVC output results/ray/<suffix> holds a pointer file naming the real location."""
     root = params.ray.storage_path.rstrip("/")
@@ -112,7 +114,7 @@ def stage_storage(params: Params, suffix: str) -> str:
     return storage if "://" in storage else str(Path(storage).resolve())
 
 
-def train_spec(params: Params, paths: ArtefactPaths, storage: str) -> RunSpec:
+def train_spec(params: PipelineParams, paths: ArtefactPaths, storage: str) -> RunSpec:
     """The `train` stage's run: named by a hash of what defines it, so a rerun resumes it."""
     name = f"train-{run_digest(params, Path(paths.latents))}"
     return RunSpec(params=params, paths=paths.resolved(), name=name, storage=storage)
@@ -122,7 +124,7 @@ def trial_name(strategy: str, target: str, seed: int) -> str:
     return f"{strategy}-{target}-seed{seed}"
 
 
-def trial_params(params: Params, strategy: str, target: str, seed: int) -> Params:
+def trial_params(params: PipelineParams, strategy: str, target: str, seed: int) -> PipelineParams:
     """The train params with the sweep's strategy, target, seed, budget and resources.
 
     A trial reports (and checkpoints) at every evaluation, so an interruption loses no

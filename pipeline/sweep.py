@@ -10,7 +10,6 @@ storage), and a finished trial is not run again.
 from __future__ import annotations
 
 import csv
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,19 +57,15 @@ def trial_specs(spec: RunSpec, out_dir: Path, runs: str) -> list[RunSpec]:
             for strategy in s.strategies for target in s.targets for seed in s.seeds]
 
 
-def _trial(config: dict) -> None:
+def _trial(config: dict, worker_hooks=None) -> None:
     """Tune function trainable: build and fit this trial's TorchTrainer."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .ray_train import fit
 
-    strategy, target, seed = config["strategy"], config["target"], config["seed"]
-    name = trial_name(strategy, target, seed)
-    if name in os.environ.get("MSDM_INJECT_TRIAL_ERROR", "").split(","):  # fault injection for tests
-        raise RuntimeError(f"injected failure in trial {name} (MSDM_INJECT_TRIAL_ERROR)")
-    spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), config["runs"], strategy, target,
-                     seed)
-    fit(spec, progress=False, callbacks=[TuneReportCallback()])
+    spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), config["runs"], config["strategy"],
+                     config["target"], config["seed"])
+    fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks)
 
 
 def trials_that_fit(per_trial: dict[str, float]) -> int:
@@ -108,7 +103,8 @@ class SweepOutputs:
     trials: Path
 
 
-def run_sweep(spec: RunSpec, out_dir: Path) -> SweepOutputs:
+def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutputs:
+    """Run (or resume) every trial; `worker_hooks` reaches each trial's workers (see `build_trainer`)."""
     from ray import tune
 
     out_dir = out_dir.resolve()
@@ -118,7 +114,8 @@ def run_sweep(spec: RunSpec, out_dir: Path) -> SweepOutputs:
     trials = trial_specs(spec, out_dir, runs)
     # The Train workers hold the trial's CPUs and GPUs; its driver only waits on them, but Tune
     # needs every trial to hold something, and memory is what the driver does use.
-    trainable = tune.with_resources(_trial, {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
+    trainable = tune.with_resources(tune.with_parameters(_trial, worker_hooks=worker_hooks),
+                                    {"cpu": 0, "memory": TRIAL_DRIVER_MEMORY})
     space = {"strategy": tune.grid_search(list(s.strategies)), "target": tune.grid_search(list(s.targets)),
              "seed": tune.grid_search(list(s.seeds)), "spec": spec.to_dict(), "out_dir": str(out_dir),
              "runs": runs}

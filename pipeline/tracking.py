@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from msdm.config import ConfigError
+from msdm.diffusion_training import TrainHooks, WrappedHooks
 
 WANDB_REQUIREMENT = "wandb==0.31.0"
 DEFAULT_PROJECT = "msdm"
@@ -113,31 +114,17 @@ def build_tracker(params: Any, *, rank: int, run_name: str, config: Mapping | No
     return WandbTracker(run)
 
 
-class TrackedHooks:
+class TrackedHooks(WrappedHooks):
     """TrainHooks that also log every checkpoint-interval report (step, loss, fid) to a tracker."""
 
-    def __init__(self, hooks: Any, tracker: Tracker):
-        self.hooks, self.tracker = hooks, tracker
-        self.rank, self.world_size, self.device = hooks.rank, hooks.world_size, hooks.device
-
-    def wrap_model(self, model):
-        return self.hooks.wrap_model(model)
-
-    def resume_checkpoint(self):
-        return self.hooks.resume_checkpoint()
+    def __init__(self, hooks: TrainHooks, tracker: Tracker):
+        super().__init__(hooks)
+        self.tracker = tracker
 
     def report(self, metrics: dict, checkpoint_dir) -> None:
         if self.rank == 0:
             self.tracker.log(metrics, step=int(metrics["step"]))
-        self.hooks.report(metrics, checkpoint_dir)
-
-    def barrier(self) -> None:
-        self.hooks.barrier()
-
-    def __getattr__(self, name: str):  # anything else a host adds to its hooks
-        if name == "hooks":  # not yet set (copy/unpickle): no recursion
-            raise AttributeError(name)
-        return getattr(self.hooks, name)
+        super().report(metrics, checkpoint_dir)
 
 
 def tracked_evaluate(evaluate: Callable[[Any, int], dict], tracker: Tracker) -> Callable[[Any, int], dict]:

@@ -7,10 +7,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from msdm.config import ConfigError, Params, load_params
+import yaml
+
+from msdm.codec import CodecError
+from msdm.config import ConfigError
 from msdm.data import DatasetError
-from pipeline.errors import PipelineError
 from msdm.io import CorruptFileError
+from pipeline.config import PipelineParams, load_params
+from pipeline.errors import PipelineError
+
+PIPELINE_FILE = Path("dvc.yaml")
+# errors about an artefact on disk: the message names the file, the stage adds how to remake it
+ARTEFACT_ERRORS = (CorruptFileError, FileNotFoundError, DatasetError, CodecError)
 
 
 class InputMissingError(FileNotFoundError):
@@ -24,11 +32,51 @@ def require(path: str | Path, made_by: str) -> Path:
     return path
 
 
-def run_stage(name: str, body: Callable[[Params, argparse.Namespace], None],
+def stage_outputs(pipeline_file: Path = PIPELINE_FILE) -> dict[str, str]:
+    """{output path: the dvc.yaml stage that writes it}, from the pipeline's `outs`."""
+    try:
+        stages = (yaml.safe_load(pipeline_file.read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return {}
+    outputs = {}
+    for stage, body in stages.items():
+        for out in (body or {}).get("outs", []):
+            outputs[out if isinstance(out, str) else next(iter(out))] = stage
+    return outputs
+
+
+def remake_hint(message: str, pipeline_file: Path = PIPELINE_FILE) -> str:
+    """' Rerun the stage that makes it: dvc repro -f STAGE' for the first pipeline output the
+    message names (as written in dvc.yaml or as an absolute path), else ''."""
+    if "dvc repro" in message:
+        return ""
+    found = []  # (position in the message, -length): the earliest, then the most specific, wins
+    for out, stage in stage_outputs(pipeline_file).items():
+        for form in {out.rstrip("/"), str(Path(out).resolve())}:
+            at = message.find(form)
+            end = at + len(form)
+            if at >= 0 and (end == len(message) or message[end] in "/:,. )'\""):
+                found.append((at, -len(form), stage))
+    if not found:
+        return ""
+    return f" Rerun the stage that makes it: dvc repro -f {min(found)[2]}"
+
+
+def add_paths(parser: argparse.ArgumentParser, **paths: str | Path) -> None:
+    """One `--name PATH` option per file or folder the stage reads or writes. dvc.yaml's `cmd`
+    passes each; the defaults are the repository's layout, for running a stage by hand."""
+    for name, default in paths.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, default=Path(default), metavar="PATH",
+                            help=f"(default: {default})")
+
+
+def run_stage(name: str, body: Callable[[PipelineParams, argparse.Namespace], None],
               configure: Callable[[argparse.ArgumentParser], None] | None = None,
-              argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}")
-    parser.add_argument("--params", default="params.yaml")
+              argv: list[str] | None = None, *, paths: dict[str, str | Path] | None = None,
+              description: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser.add_argument("--params", default="params.yaml", metavar="PATH", help="(default: params.yaml)")
+    add_paths(parser, **(paths or {}))
     if configure is not None:
         configure(parser)
     args = parser.parse_args(argv)
@@ -36,7 +84,10 @@ def run_stage(name: str, body: Callable[[Params, argparse.Namespace], None],
     try:
         params = load_params(args.params)
         body(params, args)
-    except (ConfigError, CorruptFileError, FileNotFoundError, DatasetError, PipelineError) as e:
+    except ARTEFACT_ERRORS as e:
+        print(f"{name}: error: {e}{remake_hint(str(e))}", file=sys.stderr)
+        return 1
+    except (ConfigError, PipelineError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     print(f"{name}: done in {time.perf_counter() - start:.1f}s")

@@ -1,26 +1,22 @@
 """DVC stage `featurenet`: train the domain classifier whose features give `fid_featurenet`.
 
-    python -m stages.featurenet [--params params.yaml]
-
-Trains on the train split, measures accuracy on the test split, and writes
-models/featurenet.pt ({config, state_dict}) and metrics/featurenet.json
-(test_accuracy, train_seconds).
+Trains on the train split, measures accuracy on the test split, and writes the model
+(--model: {config, state_dict}) and its metrics (--metrics: test_accuracy, train_seconds).
 """
 from __future__ import annotations
 
 import sys
 import time
-from pathlib import Path
 
-from msdm.config import ConfigError, Params
+from msdm.config import ConfigError
 from msdm.io import atomic_write_json
+from pipeline.config import PipelineParams
 from stages._cli import run_stage
 
-MODEL_OUT = Path("models/featurenet.pt")
-METRICS_OUT = Path("metrics/featurenet.json")
+PATHS = {"model": "models/featurenet.pt", "metrics": "metrics/featurenet.json"}
 
 
-def body(params: Params, args) -> None:
+def body(params: PipelineParams, args) -> None:
     from msdm.data import load_arrays, num_classes
     from msdm.models.featurenet import evaluate_accuracy, save_featurenet, train_featurenet
     from msdm.precision import resolve_precision
@@ -31,8 +27,8 @@ def body(params: Params, args) -> None:
         from msdm.io import atomic_torch_save
 
         reason = f"fid.extractor is {params.fid.extractor!r}; no domain classifier trained"
-        atomic_torch_save({"kind": "none", "reason": reason}, MODEL_OUT)
-        atomic_write_json({"skipped": reason}, METRICS_OUT)
+        atomic_torch_save({"kind": "none", "reason": reason}, args.model)
+        atomic_write_json({"skipped": reason}, args.metrics)
         print(f"featurenet: skipped ({reason})")
         return
     classes = num_classes(params.data)
@@ -47,14 +43,18 @@ def body(params: Params, args) -> None:
                              cfg.feature_dim, num_classes=classes, precision=precision)
     train_seconds = time.perf_counter() - start
     accuracy = evaluate_accuracy(model, test_images, test_labels)
-    save_featurenet(model, MODEL_OUT)
+    save_featurenet(model, args.model)
     atomic_write_json({"test_accuracy": round(accuracy, 5), "train_seconds": round(train_seconds, 1),
                        "steps": cfg.steps, "num_train": len(train_images), "num_test": len(test_images),
                        **precision.as_metrics()},
-                      METRICS_OUT)
+                      args.metrics)
     print(f"featurenet: test accuracy {accuracy:.4f} after {cfg.steps} steps ({train_seconds:.0f}s, "
-          f"{precision.name}: {precision.reason}) -> {MODEL_OUT}")
+          f"{precision.name}: {precision.reason}) -> {args.model}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("featurenet", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("featurenet", body))
+    sys.exit(main())

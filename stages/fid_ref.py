@@ -1,11 +1,9 @@
 """DVC stage `fid_ref`: FID reference statistics of the real test split.
 
-    python -m stages.fid_ref [--params params.yaml]
-
 With `fid.reference_stats` set, that .npz (keys mu, sigma: e.g. ADM's VIRTUAL_imagenet512)
-is validated against the extractor and copied instead of computed. Writes
-results/fid_ref/stats.npz (mu, sigma, extractor) and results/fid_ref/stats.json
-(extractor, metric name, number of images, feature size, source).
+is validated against the extractor and copied instead of computed. Writes the statistics
+(--stats: mu, sigma, extractor) and what they are (--info: extractor, metric name, number of
+images, feature size, source).
 """
 from __future__ import annotations
 
@@ -13,22 +11,22 @@ import sys
 import time
 from pathlib import Path
 
-from msdm.config import ConfigError, Params
+from msdm.config import ConfigError
 from msdm.io import atomic_write_json
+from pipeline.config import PipelineParams
 from stages._cli import require, run_stage
 
-FEATURENET = Path("models/featurenet.pt")
-STATS_OUT = Path("results/fid_ref/stats.npz")
-INFO_OUT = Path("results/fid_ref/stats.json")
+PATHS = {"featurenet": "models/featurenet.pt", "stats": "results/fid_ref/stats.npz",
+         "info": "results/fid_ref/stats.json"}
 
 
-def body(params: Params, args) -> None:
+def body(params: PipelineParams, args) -> None:
     from msdm import metrics
 
     extractor = params.fid.extractor
     if extractor == metrics.FEATURENET:
-        require(FEATURENET, "featurenet")
-    weights = metrics.extractor_weights_path(extractor, params.fid.weights_path, FEATURENET)
+        require(args.featurenet, "featurenet")
+    weights = metrics.extractor_weights_path(extractor, params.fid.weights_path, args.featurenet)
     start = time.perf_counter()
     if params.fid.reference_stats:
         source = params.fid.reference_stats
@@ -45,14 +43,18 @@ def body(params: Params, args) -> None:
         images = metrics.real_test_images(params.data)
         stats = metrics.reference_statistics(images, extractor, weights, params.eval.batch_size)
         num_images = len(images)
-    metrics.save_stats(STATS_OUT, stats, extractor=extractor)
+    metrics.save_stats(args.stats, stats, extractor=extractor)
     info = {"extractor": extractor, "metric": metrics.metric_name(extractor), "num_images": num_images,
             "feature_dim": int(stats["mu"].shape[0]), "source": source,
             "seconds": round(time.perf_counter() - start, 1)}
-    atomic_write_json(info, INFO_OUT)
+    atomic_write_json(info, args.info)
     counted = f"{num_images} images" if num_images is not None else "precomputed"
-    print(f"fid_ref: {extractor} statistics of {source} ({counted}, {info['feature_dim']} features) -> {STATS_OUT}")
+    print(f"fid_ref: {extractor} statistics of {source} ({counted}, {info['feature_dim']} features) -> {args.stats}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("fid_ref", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage("fid_ref", body))
+    sys.exit(main())

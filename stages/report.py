@@ -13,7 +13,6 @@ The maths lives in analysis.convergence and the figures in analysis.plots; this 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,14 +22,11 @@ matplotlib.use("Agg")  # headless: the stage runs under dvc/CI without a display
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from msdm.config import ConfigError, load_params  # noqa: E402
+from msdm.config import ConfigError  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from msdm.io import atomic_path, atomic_write_json  # noqa: E402
 from analysis.convergence import (  # noqa: E402
-    CLAIM_NAMES,
-    PAPER_SPEEDUPS,
-    VERDICT_CODES,
     SweepResultsError,
-    claim_verdict,
     interval_text,
     read_sweep,
     speedup_frame,
@@ -39,69 +35,7 @@ from analysis.convergence import (  # noqa: E402
 )
 from analysis.page import results_markdown  # noqa: E402
 from analysis.plots import convergence_figure, speedup_figure, weights_figure  # noqa: E402
-
-BASELINE = "const"
-
-
-def budget_of(curves: pd.DataFrame) -> dict:
-    return {"steps": int(curves["step"].max()), "seeds": int(curves["seed"].nunique()),
-            "evals": int(curves.groupby(["strategy", "seed"])["step"].nunique().max())}
-
-
-def build_report(tables: dict[str, dict], budgets: dict[str, dict], metric: str) -> tuple[dict, dict]:
-    """(metrics: numbers only, for `dvc metrics`/`dvc exp show`; report: everything, with sentences)."""
-    metrics = {"metric": metric, "speedup": {}, "verdict": {}}
-    report = {"metric": metric, "baseline": BASELINE, "budgets": budgets, "tables": tables, "claims": []}
-    for target, table in tables.items():
-        metrics["speedup"][target] = {
-            strategy: {"geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
-                       "seeds_reached": e["reached"], "seeds": e["n_seeds"]}
-            for strategy, e in table["strategies"].items() if strategy != table["baseline"]}
-    for strategy, claimed in PAPER_SPEEDUPS.items():
-        for target, table in tables.items():
-            entry = table["strategies"].get(strategy)
-            verdict = claim_verdict(entry, claimed)
-            if verdict is None:
-                continue
-            metrics["verdict"].setdefault(strategy, {})[target] = VERDICT_CODES[verdict]
-            b = budgets[target]
-            report["claims"].append({
-                "strategy": strategy, "claim": CLAIM_NAMES[strategy], "claimed": claimed, "target": target,
-                "verdict": verdict, "code": VERDICT_CODES[verdict], "budget": b,
-                "text": (f"{CLAIM_NAMES[strategy]} {claimed}x vs const, target {target}: {verdict} "
-                         f"at {b['steps']} steps x {b['seeds']} seeds; measured {interval_text(entry)}"
-                         f" ({entry['summary']})")})
-    return metrics, report
-
-
-def run_description(params) -> dict:
-    """What the results page names as its source: commit, machine, and the settings it ran."""
-    import os
-    import subprocess
-
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    model = "unknown CPU"
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model == "unknown CPU":
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
-    ev = params.eval
-    return {"commit": commit, "machine": f"{model}, {os.cpu_count()} cores ({isa})",
-            "sweep": dataclasses.asdict(params.sweep), "batch_size": params.train.batch_size,
-            "lr": params.train.lr, "sampler": f"{ev.sampler} {ev.sampling_steps} steps ({ev.spacing} grid"
-                                              f"{', x0 clamp' if ev.clip_x0 else ''})"}
-
+from analysis.report import BASELINE, budget_of, build_report, run_description  # noqa: E402
 
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:

@@ -1,37 +1,41 @@
 """DVC stage `sweep`: Ray Tune over sweep.strategies x sweep.targets x sweep.seeds, each trial a Ray Train run.
 
-    python -m stages.sweep
-
-Writes results/sweep/curves.csv (strategy, seed, step, fid, loss, per-subspace MSE and the
-mean weight per t-bucket) and results/sweep/trials.csv. Re-running after an interruption
-restores the Tune experiment and resumes each trial from its last checkpoint.
+Writes --out/curves.csv (strategy, target, seed, step, fid, loss, per-subspace MSE and the
+mean weight per t-bucket), --out/trials.csv and --out/trials/ (each trial's own curve).
+Re-running after an interruption restores the Tune experiment and resumes each unfinished
+trial from its last checkpoint.
 """
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from msdm.config import Params
+from pipeline.config import PipelineParams
 from stages._cli import require, run_stage
 
-OUT = Path("results/sweep")
+PATHS = {"latents": "data/latents", "autoencoder": "models/autoencoder.pt", "featurenet": "models/featurenet.pt",
+         "fid_ref": "results/fid_ref/stats.npz", "out": "results/sweep"}
 
 
-def body(params: Params, args) -> None:
+def body(params: PipelineParams, args) -> None:
     from pipeline.cluster import init_ray
-    from pipeline.spec import repo_paths, stage_storage, train_spec
+    from pipeline.spec import ArtefactPaths, stage_storage, train_spec
     from pipeline.sweep import run_sweep
 
-    paths = repo_paths()
-    require(Path(paths.latents) / "meta.json", "encode")
-    require(paths.autoencoder, "autoencoder")
-    require(paths.fid_ref, "fid_ref")
+    require(args.latents / "meta.json", "encode")
+    require(args.autoencoder, "autoencoder")
+    require(args.fid_ref, "fid_ref")
     if params.fid.extractor == "featurenet":
-        require(paths.featurenet, "featurenet")
+        require(args.featurenet, "featurenet")
+    paths = ArtefactPaths(latents=str(args.latents), autoencoder=str(args.autoencoder),
+                          featurenet=str(args.featurenet), fid_ref=str(args.fid_ref))
     init_ray(params.ray)
-    out = run_sweep(train_spec(params, paths, stage_storage(params, "sweep")), OUT)
+    out = run_sweep(train_spec(params, paths, stage_storage(params, "sweep")), args.out)
     print(f"sweep: wrote {out.curves} and {out.trials}")
 
 
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("sweep", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+
+
 if __name__ == "__main__":
-    sys.exit(run_stage("sweep", body))
+    sys.exit(main())

@@ -101,7 +101,7 @@ def test_curve_poller_reads_steps_from_the_loops_curve_writer(tmp_path):
     import time
 
     from cpubench.ray_train import CurvePoller
-    from msdm.train import CurveWriter
+    from msdm.diffusion_training import CurveWriter
 
     path = tmp_path / "curve.csv"
     poller = CurvePoller(path, interval=0.005)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from msdm.config import STRATEGIES, ConfigError, Params, load_params, params_from_dict, to_dict
+from msdm import config as library
+from msdm.config import STRATEGIES, ConfigError, to_dict
+from pipeline.config import PipelineParams, load_params, params_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,8 +25,20 @@ def raw_params() -> dict:
 
 def test_repo_params_match_dataclass_defaults():
     """params.yaml spells out every key, with the dataclass defaults (one source of truth)."""
-    assert to_dict(load_params(REPO / "params.yaml")) == to_dict(Params())
-    assert set(raw_params()) == set(to_dict(Params()))
+    assert to_dict(load_params(REPO / "params.yaml")) == to_dict(PipelineParams())
+    assert set(raw_params()) == set(to_dict(PipelineParams()))
+
+
+def test_the_library_config_holds_no_orchestration_sections():
+    """msdm.config knows the model, data and training; sweep, ray and tracking are pipeline/'s."""
+    library_sections = {f.name for f in dataclasses.fields(library.Params)}
+    assert library_sections.isdisjoint({"sweep", "ray", "tracking"})
+    assert set(to_dict(PipelineParams())) - library_sections == {"sweep", "ray", "tracking"}
+    with pytest.raises(ConfigError, match="unknown key.*'ray', 'sweep', 'tracking'"):
+        library.params_from_dict(raw_params())  # params.yaml is read through pipeline.config
+    library_only = {k: v for k, v in raw_params().items() if k in library_sections}
+    assert to_dict(library.params_from_dict(library_only)) == {
+        k: v for k, v in to_dict(load_params(REPO / "params.yaml")).items() if k in library_sections}
 
 
 @pytest.mark.parametrize("section,key,value,needle", [
@@ -83,7 +98,7 @@ def test_stage_exits_nonzero_with_one_line_before_compute(tmp_path):
 
 # --- property: any mutation validates or fails with a ConfigError naming the key -----------------
 
-_LEAVES = [(s, k) for s, sec in to_dict(Params()).items() for k in sec]
+_LEAVES = [(s, k) for s, sec in to_dict(PipelineParams()).items() for k in sec]
 _VALUES = st.one_of(
     st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
     st.text(max_size=12), st.sampled_from(list(STRATEGIES) + ["vit-b", "cosine", "x0", "fp16", "ddpm"]),

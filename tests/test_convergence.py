@@ -435,7 +435,7 @@ def test_report_stage_writes_numbers_verdicts_table_and_plots(report_paths, caps
 
 
 def test_report_without_a_claimed_strategy_gives_it_no_verdict(report_paths):
-    from stages.report import build_report, budget_of
+    from analysis.report import budget_of, build_report
 
     curves, metric = read_sweep(report_paths / "sweep")
     curves = curves[(curves["strategy"] != "dysigma") & (curves["target"] == "x0")].drop(columns="target")

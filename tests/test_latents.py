@@ -81,7 +81,7 @@ def test_truncated_shard_gives_clear_error(store_dir):
     shard = out / shard_name("train", 1)
     shard.write_bytes(shard.read_bytes()[:1000])
     store = LatentStore(out)
-    with pytest.raises(LatentStoreError, match=r"train-00001\.npy.*dvc repro -f encode"):
+    with pytest.raises(LatentStoreError, match=r"train-00001\.npy.*Re-encode the dataset"):
         store.load("train")
     store.load("test")  # other splits stay readable
 
@@ -89,16 +89,16 @@ def test_truncated_shard_gives_clear_error(store_dir):
 def test_missing_shard_and_missing_store(store_dir, tmp_path):
     out = store_dir[0]
     (out / shard_name("test", 0)).unlink()
-    with pytest.raises(LatentStoreError, match=r"test-00000\.npy.*missing.*dvc repro -f encode"):
+    with pytest.raises(LatentStoreError, match=r"test-00000\.npy.*missing.*Re-encode the dataset"):
         LatentStore(out).load("test")
-    with pytest.raises(LatentStoreError, match="does not exist.*dvc repro -f encode"):
+    with pytest.raises(LatentStoreError, match="does not exist.*Re-encode the dataset"):
         LatentStore(tmp_path / "nowhere")
 
 
 def test_shape_mismatch_against_meta(store_dir):
     out = store_dir[0]
     np.save(out / shard_name("train", 0), np.zeros((100, K * C, H + 1, W), dtype=np.float32))
-    with pytest.raises(LatentStoreError, match=r"train-00000\.npy.*meta.json says.*dvc repro -f encode"):
+    with pytest.raises(LatentStoreError, match=r"train-00000\.npy.*meta.json says.*Re-encode the dataset"):
         LatentStore(out).load("train")
     np.save(out / shard_name("train", 0), np.zeros((100, K * C, H, W), dtype=np.float64))
     with pytest.raises(LatentStoreError, match="float64"):

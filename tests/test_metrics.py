@@ -206,7 +206,7 @@ def test_extractor_is_cached_until_the_weights_file_changes(trained, tmp_path):
 def test_missing_reference_stats_fails_before_any_compute(tmp_path):
     missing = tmp_path / "results" / "stats.npz"
     # The weights path does not exist either: the stats error must come first.
-    with pytest.raises(metrics.MissingReferenceStatsError, match=r"stats\.npz.*dvc repro fid_ref"):
+    with pytest.raises(metrics.MissingReferenceStatsError, match=r"stats\.npz: FID reference statistics not found"):
         metrics.compute_fid(quadrant_images(4, 0)[0], missing, "featurenet", str(tmp_path / "none.pt"))
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_msssim import ssim as reference_ssim
 
-from msdm.ae_train import reconstruction_metrics, train_autoencoder
+from msdm.autoencoder_training import reconstruction_metrics, train_autoencoder
 from msdm.codec import MultiSpaceCodec, load_codec
 from msdm.config import AutoencoderConfig
 from msdm.io import CorruptFileError, atomic_torch_save
@@ -141,7 +141,7 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
 def test_load_refuses_foreign_and_truncated_files(tmp_path):
     foreign = tmp_path / "foreign.pt"
     atomic_torch_save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(CorruptFileError, match="dvc repro -f autoencoder"):
+    with pytest.raises(CorruptFileError, match="foreign.pt: not a multi-space autoencoder checkpoint"):
         load_autoencoder(foreign)
     good = tmp_path / "good.pt"
     save_autoencoder(tiny_model(2), good)

@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -15,7 +16,8 @@ import pytest
 import yaml
 
 from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env, kill_marked_processes
-from msdm.config import Params, load_params, update
+from msdm.config import update
+from pipeline.config import PipelineParams, load_params
 from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec
 from pipeline.sweep import one_trial, sweep_name
 
@@ -94,6 +96,34 @@ def test_param_change_reruns_only_downstream(repo):
     assert "models/autoencoder.pt" in encode["deps"] and "autoencoder.ssim_weight" not in encode["params"]
 
 
+def _cmd_paths(cmd: str) -> dict[str, str]:
+    """{--option: path} of a stage command (every option but --params takes a path)."""
+    args = shlex.split(cmd)
+    return {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a != "--params"}
+
+
+def test_every_path_a_stage_command_names_is_declared_and_is_the_stage_default():
+    """dvc.yaml passes each file a stage reads or writes on its command line; each is a dep or an
+    output of that stage (so DVC tracks it), and each equals the stage's own default (so running a
+    stage by hand touches the same files)."""
+    import importlib
+
+    def related(path: str, declared: str) -> bool:  # the same, or one inside the other
+        a, b = Path(path), Path(declared.rstrip("/"))
+        return a == b or b in a.parents or a in b.parents
+
+    for name, stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].items():
+        paths = _cmd_paths(stage["cmd"])
+        assert paths, f"{name}: its cmd passes no paths"
+        declared = [e if isinstance(e, str) else next(iter(e))
+                    for key in ("deps", "outs", "metrics", "plots") for e in stage.get(key, [])]
+        for option, path in paths.items():
+            assert any(related(path, d) for d in declared), f"{name}: {option} {path} is neither a dep nor an output"
+        module = importlib.import_module(f"stages.{name}")
+        if hasattr(module, "PATHS"):  # report declares its options itself
+            assert paths == {f"--{k.replace('_', '-')}": v for k, v in module.PATHS.items()}, name
+
+
 # The fields pipeline.spec.trial_params sets: a trial's only differences from the train run.
 TRIAL_SETS = {"weighting.strategy", "diffusion.target", "model.preset", "train.steps", "train.seed",
               "train.checkpoint_every", "train.num_workers", "train.cpus_per_worker", "train.use_gpu",
@@ -104,13 +134,13 @@ NEVER_READ_BY_A_TRIAL = {"eval.final_num_samples"}
 def test_sweep_stage_lists_every_param_a_trial_reads():
     listed = set(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["sweep"]["params"])
     for section in ("diffusion", "weighting", "model", "train", "eval", "fid", "sweep", "ray"):
-        for f in dataclasses.fields(Params.__dataclass_fields__[section].default_factory()):
+        for f in dataclasses.fields(PipelineParams.__dataclass_fields__[section].default_factory()):
             key = f"{section}.{f.name}"
             covered = section in listed or key in listed
             assert covered != (key in TRIAL_SETS | NEVER_READ_BY_A_TRIAL), key
 
 
-def sweep_of(params: Params, tmp_path: Path):
+def sweep_of(params: PipelineParams, tmp_path: Path):
     paths = ArtefactPaths(latents=str(tmp_path / "latents"), autoencoder="ae.pt", featurenet="fn.pt",
                           fid_ref="ref.npz", curve="results/train/curve.csv")
     return train_spec(params, paths, str(tmp_path / "ray" / "sweep"))

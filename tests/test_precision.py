@@ -13,7 +13,7 @@ from torch import nn
 from msdm import precision as prec
 from msdm.config import Params, update
 from msdm.models.featurenet import train_featurenet
-from msdm.train import LatentInfo, train_loop
+from msdm.diffusion_training import LatentInfo, train_loop
 
 
 def cpu_with_native_bf16(monkeypatch, native: bool, amx: bool = False) -> None:

@@ -21,11 +21,14 @@ import pytest
 import torch
 
 from msdm import data
-from msdm.config import DataConfig, Params, RayConfig, replace, update
+from msdm.config import DataConfig, replace, update
+from pipeline.config import PipelineParams, RayConfig
 from msdm.data import DatasetError
 from msdm.io import atomic_path, atomic_torch_save, safe_torch_load
 from msdm.latents import LatentStoreError, LatentStoreWriter, shard_name
-from msdm.train import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
+from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
+
+from fault_hooks import CrashOnce, FailRuns
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,8 +36,8 @@ K, C, SIZE, CLASSES = 3, 2, 4, 4  # a tiny latent store: 3 subspaces x 2 channel
 INFO = LatentInfo(channels=K * C, size=SIZE, subspaces=K, num_classes=CLASSES)
 
 
-def tiny_params(**train) -> Params:
-    p = replace(Params(), "model", preset="vit-tiny", patch_size=2)
+def tiny_params(**train) -> PipelineParams:
+    p = replace(PipelineParams(), "model", preset="vit-tiny", patch_size=2)
     p = replace(p, "weighting", strategy="learned")
     return replace(p, "train", **{"steps": 12, "batch_size": 8, "checkpoint_every": 6, "log_every": 2,
                                   "precision": "fp32", **train})
@@ -66,45 +69,44 @@ def weights_sum(model, step):
 # writes the checkpoints and the curve, and the one a single-worker run has.
 CRASH_STEP, CRASH_RANK = 6, 0
 FAILING_SEED = 5
-FAILING_TRIAL = f"const-x0-seed{FAILING_SEED}"  # pipeline.sweep's fault hook fails these trials
+FAILING_TRIAL = f"const-x0-seed{FAILING_SEED}"
 SECRET = "wandb-key-" + os.urandom(12).hex()
 
 
 @pytest.fixture(scope="session")  # session: started once per pytest(-xdist) worker, however tests are ordered
-def ray_cluster(tmp_path_factory):
-    """One local 2-CPU Ray cluster for the tests that use it, with the crash hook in the workers' environment.
+def ray_cluster():
+    """One local 2-CPU Ray cluster for the tests that use it.
 
     Workers inherit the environment of the raylet, which copies this process's at
     `ray.init`: the variables are set just for the start, so later tests here do not see them.
     """
     from pipeline.cluster import init_ray, shutdown_ray
 
-    marker = tmp_path_factory.mktemp("crash") / "crashed"
     shutdown_ray()
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MSDM_INJECT_CRASH", f"{CRASH_STEP}:{CRASH_RANK}:{marker}")
-        # past Ray Train's poll (0.5 s, pipeline.cluster): the step-4 checkpoint is registered
-        mp.setenv("MSDM_INJECT_CRASH_DELAY_S", "1")
-        mp.setenv("MSDM_INJECT_TRIAL_ERROR", f"{FAILING_TRIAL},p2-x0-seed{FAILING_SEED}")
         mp.setenv("WANDB_API_KEY", SECRET)  # must not reach any file the run writes
         mp.delenv("RAY_ADDRESS", raising=False)  # a local cluster, never someone else's
         init_ray(RayConfig(num_cpus=2))
     try:
-        yield marker
+        yield
     finally:
         shutdown_ray()
 
 
-def ray_params(max_failures: int) -> Params:
+def crash_once(tmp_path: Path) -> CrashOnce:
+    # the delay is past Ray Train's poll (0.5 s, pipeline.cluster): the step-4 checkpoint is registered
+    return CrashOnce(step=CRASH_STEP, rank=CRASH_RANK, marker=tmp_path / "crashed", delay_s=1.0)
+
+
+def ray_params(max_failures: int) -> PipelineParams:
     p = tiny_params(steps=8, checkpoint_every=4, num_workers=1, cpus_per_worker=1, max_failures=max_failures)
     return replace(p, "eval", every=2)
 
 
-def crash_run_spec(marker: Path, tmp_path: Path, name: str, max_failures: int):
-    """The RunSpec of a fresh tiny single-worker run, with the crash marker cleared so the fault fires again."""
+def crash_run_spec(tmp_path: Path, name: str, max_failures: int):
+    """The RunSpec of a fresh tiny single-worker run."""
     from pipeline.spec import ArtefactPaths, RunSpec
 
-    marker.unlink(missing_ok=True)
     store = write_tiny_store(tmp_path / "latents")
     return RunSpec(params=ray_params(max_failures), name=name, storage=str(tmp_path / "ray" / "train"),
                    paths=ArtefactPaths(latents=str(store), curve=str(tmp_path / "curve.csv")))
@@ -117,20 +119,19 @@ RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this modul
 @RAY_GROUP
 def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_checkpoint(ray_cluster, tmp_path):
     """A real Tune sweep of 2 trials, each a TorchTrainer with 2 CPU workers (DDP over gloo); in
-    the first trial to reach step 6, rank 1 dies, and Ray Train restarts the group from step 4."""
+    the first trial to reach step 6, rank 0 dies, and Ray Train restarts the group from step 4."""
     from pipeline.spec import ArtefactPaths, train_spec
     from pipeline.sweep import run_sweep
 
-    marker = ray_cluster
-    marker.unlink(missing_ok=True)
+    crash = crash_once(tmp_path)
     store = write_tiny_store(tmp_path / "latents")
     p = update(tiny_params(max_failures=1), {
         "sweep": {"strategies": ["const", "learned"], "targets": ["x0"], "seeds": [0], "steps": 8, "eval_every": 2,
                   "num_workers": 2, "cpus_per_worker": 1}})
     out = run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep")),
-                    tmp_path / "sweep")
+                    tmp_path / "sweep", worker_hooks=crash)
 
-    assert marker.read_text() == f"crashed at step {CRASH_STEP} on rank {CRASH_RANK}\n"  # the fault did happen
+    assert crash.marker.read_text() == f"crashed at step {CRASH_STEP} on rank {CRASH_RANK}\n"  # the fault did happen
     with open(out.trials, newline="") as fh:
         trials = {t["strategy"]: t for t in csv.DictReader(fh)}
     assert {s: (int(t["world_size"]), int(t["steps"])) for s, t in trials.items()} == {"const": (2, 8),
@@ -161,15 +162,15 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
     from pipeline.errors import PipelineError
     from pipeline.ray_train import TrainingFailedError, fit
 
-    marker = ray_cluster
+    crash = crash_once(tmp_path)
     with pytest.raises(TrainingFailedError) as err:
-        fit(crash_run_spec(marker, tmp_path, "crash-fatal", max_failures=0))
+        fit(crash_run_spec(tmp_path, "crash-fatal", max_failures=0), worker_hooks=crash)
     message = str(err.value)
     assert isinstance(err.value, PipelineError)  # the stage CLI prints it as one line, no traceback
     assert "training run crash-fatal failed after train.max_failures=0 restart(s)" in message
     assert "rerun the stage to resume" in message and str(tmp_path / "ray" / "train" / "crash-fatal") in message
     assert f"rank {CRASH_RANK}: " in message and "\n" not in message
-    assert marker.is_file()
+    assert crash.marker.is_file()
     # nothing completed is lost: the step-4 checkpoint is in the run's storage
     run_storage = tmp_path / "ray" / "train" / "crash-fatal"
     assert sorted(int(safe_torch_load(p)["step"]) for p in run_storage.rglob(CHECKPOINT_FILE)) == [4]
@@ -187,12 +188,13 @@ def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_pa
     p = update(tiny_params(max_failures=0), {
         "sweep": {"strategies": ["const", "p2"], "targets": ["x0"], "seeds": [FAILING_SEED], "steps": 4,
                   "eval_every": 2}})
+    failing = FailRuns(frozenset({FAILING_TRIAL, f"p2-x0-seed{FAILING_SEED}"}))
     with pytest.raises(SweepFailedError) as err:  # both trials fail at once: none trains before the verdict
         run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep")),
-                  tmp_path / "sweep")
+                  tmp_path / "sweep", worker_hooks=failing)
     assert isinstance(err.value, PipelineError)  # the stage CLI prints it as one line, no traceback
     assert str(err.value).startswith("2 sweep trial(s) failed; first error: ")
-    assert "injected failure in trial" in str(err.value)
+    assert "injected failure in run" in str(err.value)
     assert not (tmp_path / "sweep" / "curves.csv").exists()
 
 
@@ -249,16 +251,19 @@ def test_damaged_fashion_mnist_in_data_root_is_named(tmp_path, how):
     cfg = DataConfig(root=str(tmp_path), download=False)
     with pytest.raises(DatasetError) as err:
         data.prepare(cfg, system_dir=tmp_path / "no-system-copy")
-    assert str(victim) in str(err.value) and "dvc repro -f download" in str(err.value)
+    assert str(victim) in str(err.value) and "prepare the dataset again" in str(err.value)
     with pytest.raises(DatasetError, match=re.escape(str(victim))):  # reading it unverified fails as clearly
         data.load_arrays(cfg, "test")
 
 
 @needs_system_fmnist
 def test_download_stage_on_a_truncated_file_exits_with_one_line(tmp_path):
-    raw = copy_fashion_mnist(tmp_path / "data")
+    """The library names the file and the fault; the stage adds the command that remakes it,
+    from dvc.yaml (the file lies under the download stage's output, data/raw)."""
+    raw = copy_fashion_mnist(tmp_path / "data" / "raw")
     damage(raw / "train-labels-idx1-ubyte.gz", "truncated")
-    (tmp_path / "params.yaml").write_text(f"data:\n  dataset: fashion_mnist\n  root: {tmp_path / 'data'}\n"
+    shutil.copyfile(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "params.yaml").write_text(f"data:\n  dataset: fashion_mnist\n  root: {tmp_path / 'data' / 'raw'}\n"
                                           f"  download: false\n")
     proc = subprocess.run([sys.executable, "-m", "stages.download", "--params", "params.yaml"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
@@ -267,7 +272,27 @@ def test_download_stage_on_a_truncated_file_exits_with_one_line(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("download: error: ")
     assert str(raw / "train-labels-idx1-ubyte.gz") in lines[0]
+    assert lines[0].endswith(" Rerun the stage that makes it: dvc repro -f download")
     assert not (tmp_path / "data" / "raw" / "manifest.json").exists()
+
+
+def test_remake_hint_names_the_stage_whose_output_the_message_names(tmp_path, monkeypatch):
+    from stages._cli import remake_hint
+
+    monkeypatch.chdir(tmp_path)  # dvc.yaml's relative outs resolve against the repository root
+    pipeline = tmp_path / "dvc.yaml"
+    pipeline.write_text("stages:\n  encode:\n    outs:\n      - data/latents\n"
+                        "  fid_ref:\n    outs:\n      - results/fid_ref\n"
+                        "  train:\n    outs:\n      - models/diffusion.pt\n"
+                        "      - results/ray/train:\n          persist: true\n")
+    hint = " Rerun the stage that makes it: dvc repro -f "
+    assert remake_hint(f"{tmp_path}/data/latents/train-00001.npy: truncated", pipeline) == hint + "encode"
+    assert remake_hint(f"{tmp_path}/results/ray/train/run: gone", pipeline) == hint + "train"
+    # the file named first is the one at fault
+    assert remake_hint("results/fid_ref/stats.npz: made from other data than data/latents", pipeline) == \
+        hint + "fid_ref"
+    assert remake_hint("data/latents_old/x.npy: truncated", pipeline) == ""  # not an output, only a prefix
+    assert remake_hint("models/diffusion.pt: not found. Run: dvc repro train", pipeline) == ""  # has its fix
 
 
 def test_training_refuses_a_truncated_latent_shard_before_any_compute(tmp_path):
@@ -278,7 +303,7 @@ def test_training_refuses_a_truncated_latent_shard_before_any_compute(tmp_path):
     shard = store / shard_name("train", 1)
     shard.write_bytes(shard.read_bytes()[:300])
     curve = tmp_path / "curve.csv"
-    with pytest.raises(LatentStoreError, match=rf"{re.escape(str(shard))}.*dvc repro -f encode"):
+    with pytest.raises(LatentStoreError, match=rf"{re.escape(str(shard))}.*Re-encode the dataset"):
         run_worker(RunSpec(tiny_params(), ArtefactPaths(latents=str(store), curve=str(curve)), name="t", storage=""),
                    TrainHooks(resume_dir=tmp_path / "ckpt"), progress=False)
     assert not curve.exists() and not (tmp_path / "ckpt").exists()
@@ -406,7 +431,8 @@ def test_same_run_in_two_processes_gives_identical_curves():
     """String hashing (PYTHONHASHSEED) and any other per-process state must not reach the numbers."""
     procs = [subprocess.Popen([sys.executable, "-c", DETERMINISM_SCRIPT, __file__], cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(REPO)})
+                              env={**os.environ, "PYTHONHASHSEED": seed,
+                                   "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])})
              for seed in ("1", "2")]
     curves = []
     for proc in procs:

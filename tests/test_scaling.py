@@ -18,9 +18,9 @@ from PIL import Image
 from msdm import data
 from msdm.codec import (SD_VAE_SCALE, CodecError, SdVaeCodec, load_codec, load_pretrained_vae, save_sd_vae,
                         sd_vae_codec)
-from msdm.config import (AutoencoderConfig, ConfigError, Params, load_params, params_from_dict, replace, to_dict,
-                         update)
+from msdm.config import AutoencoderConfig, ConfigError, Params, params_from_dict, replace, to_dict, update
 from msdm.io import safe_torch_load
+from pipeline.config import PipelineParams, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 # stabilityai/sd-vae-ft-mse's config.json (scaling_factor is diffusers' default, 0.18215)
@@ -129,7 +129,7 @@ def test_imported_sd_vae_file_round_trips_weights_only_and_is_checked_against_pa
     loaded = load_codec(sd_cfg(sd_vae_dir), path)
     x = rgb_images(1, 16, seed=3)
     assert torch.equal(loaded.encode(x), codec.encode(x))
-    with pytest.raises(CodecError, match="Re-import it: dvc repro autoencoder"):
+    with pytest.raises(CodecError, match="Re-import it from autoencoder.path"):
         load_codec(sd_cfg("other/vae"), path)
     multispace = tmp_path / "multispace.pt"
     save_autoencoder(MultiSpaceAutoencoder(1, 2, 2, 4, [8, 16], 2), multispace)
@@ -151,7 +151,6 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
     from msdm.latents import LatentStore
     from stages import autoencoder as ae_stage
     from stages import encode as encode_stage
-    from stages._cli import run_stage
 
     make_imagenet(tmp_path / "datasets")
     raw = to_dict(Params())
@@ -161,7 +160,7 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
 
-    assert run_stage("autoencoder", ae_stage.body, argv=[]) == 0
+    assert ae_stage.main([]) == 0
     payload = safe_torch_load("models/autoencoder.pt")
     assert payload["kind"] == "sd-vae" and payload["source"] == str(sd_vae_dir)
     metrics = json.loads(Path("metrics/autoencoder.json").read_text())
@@ -169,7 +168,7 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
     assert 0 < metrics["psnr"] < 60 and -1 <= metrics["ssim"] <= 1
     assert Image.open("plots/reconstructions.png").size[0] > 2 * 16
 
-    assert run_stage("encode", encode_stage.body, argv=[]) == 0
+    assert encode_stage.main([]) == 0
     store = LatentStore("data/latents")
     assert store.meta["autoencoder_kind"] == "sd-vae" and store.latent_shape == (4, 2, 2)
     assert (store.subspaces, store.channels, store.num_classes) == (2, 2, 1000)
@@ -187,7 +186,6 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
 def test_fid_ref_stage_takes_adm_reference_batch_offline(tmp_path, monkeypatch):
     """ADM's VIRTUAL_imagenet*.npz (arr_0 images + mu/sigma + spatial stats) as fid.reference_stats."""
     from stages import fid_ref
-    from stages._cli import run_stage
 
     def refuse(*args, **kwargs):
         raise AssertionError("tried to download Inception weights")
@@ -204,7 +202,7 @@ def test_fid_ref_stage_takes_adm_reference_batch_offline(tmp_path, monkeypatch):
     raw["fid"].update(extractor="inception-v3-compat", reference_stats=str(adm))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
-    assert run_stage("fid_ref", fid_ref.body, argv=[]) == 0
+    assert fid_ref.main([]) == 0
     with np.load("results/fid_ref/stats.npz") as stats:
         np.testing.assert_array_equal(stats["mu"], mu.astype(np.float64))
         np.testing.assert_array_equal(stats["sigma"], sigma.astype(np.float64))
@@ -286,9 +284,10 @@ def test_trainer_takes_cluster_storage_and_worker_counts_from_params(tmp_path, m
     from pipeline.ray_train import build_trainer
     from pipeline.spec import ArtefactPaths, stage_storage, train_spec
 
-    p = update(Params(), {"train": {"num_workers": 16, "use_gpu": True, "precision": "fp16", "batch_size": 256,
-                                    "cpus_per_worker": 6},
-                          "sweep": {"use_gpu": True}, "ray": {"address": "auto", "storage_path": "s3://bucket/msdm"}})
+    p = update(PipelineParams(), {"train": {"num_workers": 16, "use_gpu": True, "precision": "fp16", "batch_size": 256,
+                                            "cpus_per_worker": 6},
+                                  "sweep": {"use_gpu": True},
+                                  "ray": {"address": "auto", "storage_path": "s3://bucket/msdm"}})
     spec = train_spec(p, ArtefactPaths(latents="data/latents"), stage_storage(p, "train"))
     trainer = build_trainer(spec)
     assert trainer.run_config.storage_path == "s3://bucket/msdm/train"  # a URI is passed through untouched
@@ -383,7 +382,7 @@ def test_wandb_runs_offline_on_rank_0_in_a_gitignored_folder(fake_wandb, tmp_pat
 def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb, tmp_path):
     from msdm.latents import write_latents
     from pipeline.tracking import WandbTracker
-    from msdm.train import TrainHooks
+    from msdm.diffusion_training import TrainHooks
     from pipeline.ray_train import run_worker
     from pipeline.spec import ArtefactPaths, RunSpec
 
@@ -491,8 +490,7 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
     from torch.utils.flop_counter import FlopCounterMode
 
     from stages import train as train_stage
-    from stages._cli import run_stage
-    from msdm.train import LatentInfo, build_model
+    from msdm.diffusion_training import LatentInfo, build_model
 
     raw = to_dict(Params())
     raw["model"].update(preset="vit-tiny")
@@ -500,7 +498,7 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
     raw["train"].update(batch_size=128)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)  # no data/latents, no models: a real run would refuse to start
-    assert run_stage("train", train_stage.body, train_stage.configure, argv=["--dry-run", "--json"]) == 0
+    assert train_stage.main(["--dry-run", "--json"]) == 0
     report = json.loads(capsys.readouterr().out.split("\ntrain: done")[0])
     assert report["latent_shape"] == [12, 8, 8] and report["tokens"] == 16 and report["learn_sigma"]
 
@@ -517,17 +515,16 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
     assert report["train_flops_per_step"] == report["train_flops"] * 128
     assert not Path("data").exists() and not Path("models").exists()  # nothing read or written
 
-    assert run_stage("train", train_stage.body, train_stage.configure, argv=["--preset", "x.yaml"]) == 1
+    assert train_stage.main(["--preset", "x.yaml"]) == 1
     assert "--preset only goes with --dry-run" in capsys.readouterr().err
 
 
 def test_dry_run_of_the_imagenet512_vit_xl_preset(monkeypatch, capsys):
     from stages import train as train_stage
-    from stages._cli import run_stage
 
     monkeypatch.chdir(REPO)
     argv = ["--dry-run", "--preset", "configs/imagenet512.yaml"]
-    assert run_stage("train", train_stage.body, train_stage.configure, argv=argv) == 0
+    assert train_stage.main(argv) == 0
     out = capsys.readouterr().out
     assert "latents 4x64x64 = 2 subspaces x 2 channels" in out and "vit-xl/2" in out
     assert "1024 patch tokens + time and class tokens" in out and "parameters    459,342,752" in out

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from msdm.config import Params, RayConfig, replace
+from msdm.config import replace
+from pipeline.config import PipelineParams, RayConfig
 from msdm.io import CorruptFileError, atomic_write_json, safe_torch_load
 from msdm.latents import LatentStore, LatentStoreWriter, labels_name, shard_name
-from msdm.train import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
+from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,13 +45,13 @@ def payload(tmp_path):
 # ---------------------------------------------------------------------------- loaders refuse payloads
 
 
-def tiny_params() -> Params:
-    p = replace(Params(), "model", preset="vit-tiny", patch_size=2)
+def tiny_params() -> PipelineParams:
+    p = replace(PipelineParams(), "model", preset="vit-tiny", patch_size=2)
     return replace(p, "train", steps=4, batch_size=8, checkpoint_every=2, precision="fp32")
 
 
 def load_with_safe_torch_load(path: Path) -> None:
-    safe_torch_load(path, made_by="train")
+    safe_torch_load(path)
 
 
 def resume_training_from(path: Path) -> None:
@@ -81,9 +82,11 @@ def export_model_from(path: Path) -> None:
     from pipeline.ray_train import export_final_model
     from pipeline.spec import ArtefactPaths, RunSpec
 
+    import ray.train
+
     (path.parent / CHECKPOINT_FILE).write_bytes(path.read_bytes())
     spec = RunSpec(tiny_params(), ArtefactPaths(latents=str(path.parent)), name="t", storage="")
-    export_final_model(spec, path.parent, path.parent / "diffusion.pt")
+    export_final_model(spec, ray.train.Checkpoint.from_directory(str(path.parent)), path.parent / "diffusion.pt")
 
 
 TORCH_LOADERS = {

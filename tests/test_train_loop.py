@@ -9,7 +9,9 @@ import torch
 
 from msdm.config import Params, replace
 from msdm.io import CorruptFileError
-from msdm.train import CHECKPOINT_FILE, LatentInfo, NonFiniteLossError, TrainHooks, train_loop
+from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, NonFiniteLossError, TrainHooks, train_loop
+
+from fault_hooks import NaNLossHooks
 
 INFO = LatentInfo(channels=6, size=4, subspaces=3, num_classes=4)
 
@@ -37,10 +39,12 @@ def read_curve(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
-def run(params, data, tmp_path, name, **kw):
+def run(params, data, tmp_path, name, nan_steps=(), **kw):
     lat, lab = data
-    return train_loop(replace(params, "eval", every=3), lat, lab, INFO,
-                      hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"), evaluate=fake_eval,
+    hooks = TrainHooks(resume_dir=tmp_path / f"{name}-ckpt")
+    if nan_steps:
+        hooks = NaNLossHooks(hooks, set(nan_steps))
+    return train_loop(replace(params, "eval", every=3), lat, lab, INFO, hooks=hooks, evaluate=fake_eval,
                       curve_path=tmp_path / f"{name}.csv", progress=False, **kw)
 
 
@@ -77,18 +81,16 @@ def test_resume_drops_rows_after_checkpoint(data, tmp_path):
     assert [int(r["step"]) for r in read_curve(tmp_path / "r.csv")] == [3, 6, 9, 12]
 
 
-def test_nan_steps_are_skipped_up_to_the_limit(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("MSDM_INJECT_NAN_STEPS", "4,5")
+def test_nan_steps_are_skipped_up_to_the_limit(data, tmp_path):
     with pytest.warns(RuntimeWarning, match="non-finite loss at step 4"):
-        result = run(tiny_params(max_nan_skips=2), data, tmp_path, "nan")
+        result = run(tiny_params(max_nan_skips=2), data, tmp_path, "nan", nan_steps={4, 5})
     assert result.step == 12
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.curve)
 
 
-def test_too_many_nans_stop_with_last_good_checkpoint(data, tmp_path, monkeypatch):
-    monkeypatch.setenv("MSDM_INJECT_NAN_STEPS", "8,9,10")
+def test_too_many_nans_stop_with_last_good_checkpoint(data, tmp_path):
     with pytest.raises(NonFiniteLossError, match="max_nan_skips=2"), pytest.warns(RuntimeWarning):
-        run(tiny_params(max_nan_skips=2), data, tmp_path, "nan2")
+        run(tiny_params(max_nan_skips=2), data, tmp_path, "nan2", nan_steps={8, 9, 10})
     state = torch.load(tmp_path / "nan2-ckpt" / CHECKPOINT_FILE, weights_only=True)
     assert state["step"] == 6
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())

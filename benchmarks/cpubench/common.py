@@ -23,7 +23,7 @@ from msdm.config import Params, replace, update
 from msdm.diffusion import GaussianDiffusion
 from msdm.models.vit import build_vit
 from msdm.precision import resolve_precision
-from msdm.train import LatentInfo, TrainHooks, train_loop
+from msdm.diffusion_training import LatentInfo, TrainHooks, train_loop
 
 from .machine import Machine
 
@@ -177,7 +177,7 @@ def median_timing(timings: list[Timing]) -> tuple[float, list[float]]:
 
 def time_train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                     warmup: int, steps: int, chunk: int, hooks: TrainHooks | None = None) -> Timing:
-    """Steady-state step time of `msdm.train.train_loop` itself, library code unchanged.
+    """Steady-state step time of `msdm.diffusion_training.train_loop` itself, library code unchanged.
 
     The timer rides on the loop's public `evaluate` callback: with eval_every = chunk it is
     called on rank 0 after every chunk of steps and records a time stamp (it returns no

@@ -18,7 +18,7 @@ import torch
 
 from msdm.diffusion import GaussianDiffusion
 from msdm.diffusion_loss import DiffusionLoss
-from msdm.train import build_model
+from msdm.diffusion_training import build_model
 
 from .common import (Context, Figure, bench_params, latent_info, median_timing, synthetic_latents, time_bare,
                      time_train_loop)

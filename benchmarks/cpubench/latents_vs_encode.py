@@ -4,7 +4,7 @@ Both variants run the same bare training step (common.BareTrainer) on the config
 model; they differ only in where x0 comes from:
   pre-encoded: a batch of latents indexed from memory (what run_worker loads from the store)
   on the fly:  a batch of uint8 32x32 images -> [-1, 1] -> stage-1 encoder under
-               torch.inference_mode, fp32 as in stages/encode.py -> normalised -> the step
+               torch.inference_mode, fp32 as in msdm/encoding.py -> normalised -> the step
 The encoder is msdm.multispace.MultiSpaceAutoencoder with params.yaml's architecture,
 randomly initialised (the cost does not depend on the weights).
 """

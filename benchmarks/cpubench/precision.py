@@ -4,7 +4,7 @@
   torch.compile on vs off    same step, bf16; compile seconds reported apart from the steady state
   fused vs default AdamW     same step, bf16 (train_loop and the bare loop use fused; before, the
                              CPU default, a per-parameter for-loop, was used)
-  channels_last vs default   the stage-1 autoencoder's training step (as msdm.ae_train runs it)
+  channels_last vs default   the stage-1 autoencoder's training step (as msdm.autoencoder_training runs it)
 
 bf16 speed depends on the ISA: AVX512_BF16 gives bf16 dot products at 2x the fp32 rate
 (Zen 4, Cooper Lake); AMX (Sapphire Rapids and later) far more; without either, oneDNN
@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from msdm.ae_train import ADAMW_BETAS, ADAMW_WEIGHT_DECAY
+from msdm.autoencoder_training import ADAMW_BETAS, ADAMW_WEIGHT_DECAY
 from msdm.precision import resolve_precision
 from msdm.data import from_uint8, image_channels
 from msdm.losses import ReconstructionLoss
@@ -70,7 +70,7 @@ def run(ctx: Context) -> list[Figure]:
                    dtype="bf16 autocast", settings={**settings, "optimizer": "AdamW(fused=None): for-loop on CPU"},
                    spread=unfused_range),
         ctx.figure(BENCHMARK, "fused AdamW speedup over the default", bf16 / unfused, "x", dtype="bf16 autocast",
-                   settings=settings, note="msdm.train and msdm.ae_train use AdamW(fused=True) on every device"),
+                   settings=settings, note="msdm.diffusion_training and msdm.autoencoder_training use AdamW(fused=True) on every device"),
     ]
     figures += compile_figures(ctx, base, info, latents, labels, batch, bf16, timing_kw, settings)
     figures += channels_last_figures(ctx, size, timing_kw)
@@ -108,12 +108,12 @@ def compile_figures(ctx: Context, params, info, latents, labels, batch: int, eag
 
 def autoencoder_step(params, images: torch.Tensor, batch: int, *, memory_format: torch.memory_format,
                      precision: str) -> Callable[[], None]:
-    """One training step of the stage-1 autoencoder as msdm.ae_train runs it, on random batches of `images`."""
+    """One training step of the stage-1 autoencoder as msdm.autoencoder_training runs it, on random batches of `images`."""
     cfg = params.autoencoder
     torch.manual_seed(cfg.seed)
     model = build_autoencoder(cfg, images.shape[1]).to(memory_format=memory_format).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=ADAMW_BETAS, weight_decay=ADAMW_WEIGHT_DECAY,
-                            fused=True)  # as msdm.ae_train
+                            fused=True)  # as msdm.autoencoder_training
     loss_fn = ReconstructionLoss.from_config(cfg)
     autocast = resolve_precision(precision, "cpu", key="autoencoder.precision").autocast("cpu")
     g = torch.Generator().manual_seed(0)
@@ -132,7 +132,7 @@ def autoencoder_step(params, images: torch.Tensor, batch: int, *, memory_format:
 
 
 def channels_last_figures(ctx: Context, size: dict, timing_kw: dict) -> list[Figure]:
-    """The autoencoder's step as msdm.ae_train runs it, with the model and input in each memory format."""
+    """The autoencoder's step as msdm.autoencoder_training runs it, with the model and input in each memory format."""
     cfg = ctx.params.autoencoder
     channels, s, batch = image_channels(ctx.params.data), ctx.params.data.image_size, size["ae_batch"]
     images = torch.randint(0, 256, (max(size["examples"], batch), channels, s, s), dtype=torch.uint8,

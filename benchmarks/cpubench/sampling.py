@@ -57,8 +57,8 @@ def _store(ctx: Context, params):
 
 def run_sampling(ctx: Context) -> list[Figure]:
     from msdm.evaluation import SampleGenerator
-    from msdm.train import build_model
-    from msdm.train import latent_info as store_latent_info
+    from msdm.diffusion_training import build_model
+    from msdm.diffusion_training import latent_info as store_latent_info
 
     params = ctx.params
     if ctx.quick:

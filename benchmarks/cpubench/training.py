@@ -43,7 +43,7 @@ def compare(ctx: Context, *, preset: str, batch: int, precision: str, strategy: 
     precision = resolve_precision(precision, "cpu").name
     dtype = dtype_label(precision)
     return [
-        ctx.figure(BENCHMARK, f"ours (msdm.train.train_loop) {tag}", batch / ours_s, "images/s", dtype=dtype,
+        ctx.figure(BENCHMARK, f"ours (msdm.diffusion_training.train_loop) {tag}", batch / ours_s, "images/s", dtype=dtype,
                    settings=settings, spread=[batch / ours_range[1], batch / ours_range[0]]),
         ctx.figure(BENCHMARK, f"bare PyTorch loop {tag}", batch / bare_s, "images/s", dtype=dtype,
                    settings={**settings, "weighting": "const (inline MSE)"},

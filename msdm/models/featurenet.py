@@ -26,7 +26,6 @@ from msdm.io import CorruptFileError, atomic_torch_save, safe_torch_load
 from msdm.precision import Precision, as_precision
 
 DEFAULT_WIDTHS = (16, 32, 64)
-MADE_BY = "featurenet"  # the DVC stage that writes models/featurenet.pt
 
 
 def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -178,17 +177,16 @@ def save_featurenet(model: FeatureNet, path: str | Path) -> None:
 
 def load_featurenet(path: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
     """Load a FeatureNet written by `save_featurenet` (weights-only), in eval mode."""
-    payload = safe_torch_load(path, made_by=MADE_BY)
+    payload = safe_torch_load(path)
     if not (isinstance(payload, dict) and isinstance(payload.get("config"), dict)
             and isinstance(payload.get("state_dict"), dict)):
         raise CorruptFileError(f"{path}: not a FeatureNet checkpoint (expected a dict with 'config' and "
-                               f"'state_dict'). Rerun the stage that makes it: dvc repro -f {MADE_BY}")
+                               f"'state_dict')")
     try:
         model = FeatureNet(**payload["config"])
         model.load_state_dict(payload["state_dict"])
     except (TypeError, ValueError, RuntimeError) as e:
         raise CorruptFileError(f"{path}: FeatureNet checkpoint does not match the architecture "
-                               f"({type(e).__name__}: {str(e).splitlines()[0]}). "
-                               f"Rerun the stage that makes it: dvc repro -f {MADE_BY}") from None
+                               f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 

@@ -130,9 +130,45 @@ class TrainHooks:
         if self.world_size > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
 
+    def on_loss(self, step: int, loss: Tensor) -> Tensor:
+        """The loss the loop steps on at `step` (1-based), given the one it computed.
+
+        The seam where a host or a test changes a step (the reliability tests make it NaN).
+        """
+        return loss
+
+    def on_step(self, step: int) -> None:
+        """Called on every rank after optimizer step `step` (1-based), before any report."""
+
+
+class WrappedHooks(TrainHooks):
+    """TrainHooks that forward to `inner`; a subclass overrides only what it adds."""
+
+    def __init__(self, inner: TrainHooks):
+        self.inner = inner
+        self.rank, self.world_size, self.device = inner.rank, inner.world_size, inner.device
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        return self.inner.wrap_model(model)
+
+    def resume_checkpoint(self) -> Path | None:
+        return self.inner.resume_checkpoint()
+
+    def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
+        self.inner.report(metrics, checkpoint_dir)
+
+    def barrier(self) -> None:
+        self.inner.barrier()
+
+    def on_loss(self, step: int, loss: Tensor) -> Tensor:
+        return self.inner.on_loss(step, loss)
+
+    def on_step(self, step: int) -> None:
+        self.inner.on_step(step)
+
 
 @dataclass
-class TrainResult:
+class DiffusionTrainResult:
     step: int
     curve: list[dict] = field(default_factory=list)
     images_per_second: float = float("nan")
@@ -179,33 +215,10 @@ def _num(v: str) -> Any:
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
-def _injected_nan_steps() -> set[int]:
-    """Fault injection for tests: MSDM_INJECT_NAN_STEPS="5,6" makes those steps' loss NaN."""
-    raw = os.environ.get("MSDM_INJECT_NAN_STEPS", "")
-    return {int(s) for s in raw.split(",") if s.strip()}
-
-
-def _maybe_inject_crash(step: int, rank: int) -> None:
-    """Fault injection for tests: MSDM_INJECT_CRASH="step:rank:marker_file" kills this worker once.
-
-    MSDM_INJECT_CRASH_DELAY_S waits that long first: Ray Train registers a reported
-    checkpoint only when its controller next polls the workers (every 2 s), so a crash
-    right after a report would otherwise restart from the checkpoint before it.
-    """
-    spec = os.environ.get("MSDM_INJECT_CRASH")
-    if not spec:
-        return
-    at, who, marker = spec.split(":", 2)
-    if step == int(at) and rank == int(who) and not Path(marker).exists():
-        Path(marker).write_text(f"crashed at step {step} on rank {rank}\n")
-        time.sleep(float(os.environ.get("MSDM_INJECT_CRASH_DELAY_S", "0")))
-        os._exit(1)
-
-
 def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                hooks: TrainHooks | None = None,
                evaluate: Callable[[nn.Module, int], dict] | None = None,
-               curve_path: Path | None = None, progress: bool = True) -> TrainResult:
+               curve_path: Path | None = None, progress: bool = True) -> DiffusionTrainResult:
     """Train the diffusion model on normalised latents [N, K*C, h, w] with labels [N].
 
     `evaluate(ema_backbone, step)` returns a dict with at least `fid`; it is called on rank 0
@@ -242,7 +255,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     curve = CurveWriter(curve_path if rank == 0 else None)
     ckpt_dir = hooks.resume_checkpoint()
     if ckpt_dir is not None:
-        state = safe_torch_load(Path(ckpt_dir) / CHECKPOINT_FILE, made_by="train")
+        state = safe_torch_load(Path(ckpt_dir) / CHECKPOINT_FILE)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -272,7 +285,6 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     mse_sum = torch.zeros(info.subspaces, device=device, dtype=torch.float64)
     window_steps = 0
-    nan_steps = _injected_nan_steps()
     skips = 0
     t_start = time.perf_counter()
     start_step = step
@@ -341,9 +353,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         x0 = latents[idx].to(device, non_blocking=pin)
         y = labels[idx].to(device, non_blocking=pin)
         out = loss_fn(ddp_model, x0, y if null_class is not None else None, generator=gen, autocast=autocast)
-        loss = out.loss
-        if (step + 1) in nan_steps:
-            loss = loss * float("nan")
+        loss = hooks.on_loss(step + 1, out.loss)
         if not torch.isfinite(loss):
             skips += 1
             opt.zero_grad(set_to_none=True)
@@ -372,7 +382,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
             opt.step()
         ema.update(model.backbone)
         step += 1
-        _maybe_inject_crash(step, rank)
+        hooks.on_step(step)
         if rank == 0:
             loss_sum += loss.detach().double()
             mse_sum += out.mse.mean(0).double()
@@ -392,4 +402,5 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         save_and_report()
     seconds = time.perf_counter() - t_start
     ips = (step - start_step) * tc.batch_size / seconds if step > start_step else float("nan")
-    return TrainResult(step=step, curve=curve.rows, images_per_second=ips, seconds=seconds, precision=precision)
+    return DiffusionTrainResult(step=step, curve=curve.rows, images_per_second=ips, seconds=seconds,
+                                precision=precision)

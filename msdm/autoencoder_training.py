@@ -41,7 +41,7 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 @dataclass
-class TrainResult:
+class AutoencoderTrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss over the log window)
     final_loss: float = float("nan")
     train_seconds: float = 0.0
@@ -51,7 +51,7 @@ class TrainResult:
 def train_autoencoder(model: nn.Module, images_u8: torch.Tensor, *, steps: int, batch_size: int, lr: float,
                       loss_fn: ReconstructionLoss, precision: Precision | str = "auto", seed: int = 0,
                       device: torch.device | str = "cpu", progress: bool = True,
-                      log_every: int = 50) -> TrainResult:
+                      log_every: int = 50) -> AutoencoderTrainResult:
     """Train `model` in place on uint8 images [N, C, S, S]; returns the loss history.
 
     The history holds the mean loss of every `log_every` steps (the finiteness check runs
@@ -76,7 +76,7 @@ def train_autoencoder(model: nn.Module, images_u8: torch.Tensor, *, steps: int, 
                                   fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cosine_with_warmup(s, steps))
     scaler = torch.amp.GradScaler("cuda", enabled=precision.needs_grad_scaler)
-    result = TrainResult(precision=precision)
+    result = AutoencoderTrainResult(precision=precision)
     batches = _batches(len(images_u8), batch_size, generator)
     window: list[torch.Tensor] = []
     start = time.perf_counter()
@@ -136,3 +136,15 @@ def reconstruction_metrics(model: nn.Module, images_u8: torch.Tensor, *, batch_s
         l1s.append(((x - y).abs().flatten(1).mean(1) / 2).cpu())
     return {"ssim": torch.cat(ssims).mean().item(), "psnr": torch.cat(psnrs).mean().item(),
             "l1": torch.cat(l1s).mean().item(), "num_images": int(len(images_u8))}
+
+
+def save_reconstruction_grid(model: nn.Module, images_u8: torch.Tensor, path, *, batch_size: int = 1000,
+                             device: torch.device | str = "cpu") -> None:
+    """A PNG of the images (top row) above their reconstructions (bottom row), written atomically."""
+    from torchvision.utils import save_image
+
+    from msdm.io import atomic_path
+
+    grid = torch.cat([from_uint8(images_u8), reconstruct(model, images_u8, batch_size=batch_size, device=device)])
+    with atomic_path(path) as tmp:
+        save_image((grid + 1) / 2, tmp, nrow=len(images_u8), padding=2, format="png")

@@ -1,0 +1,72 @@
+"""The report's numbers: per target, speedup tables -> metrics (numbers only) and a report
+(everything, with one verdict sentence per claim and target), plus what the page names as its source."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pandas as pd
+
+from .convergence import CLAIM_NAMES, PAPER_SPEEDUPS, VERDICT_CODES, claim_verdict, interval_text
+
+BASELINE = "const"
+
+
+def budget_of(curves: pd.DataFrame) -> dict:
+    return {"steps": int(curves["step"].max()), "seeds": int(curves["seed"].nunique()),
+            "evals": int(curves.groupby(["strategy", "seed"])["step"].nunique().max())}
+
+
+def build_report(tables: dict[str, dict], budgets: dict[str, dict], metric: str) -> tuple[dict, dict]:
+    """(metrics: numbers only, for `dvc metrics`/`dvc exp show`; report: everything, with sentences)."""
+    metrics = {"metric": metric, "speedup": {}, "verdict": {}}
+    report = {"metric": metric, "baseline": BASELINE, "budgets": budgets, "tables": tables, "claims": []}
+    for target, table in tables.items():
+        metrics["speedup"][target] = {
+            strategy: {"geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+                       "seeds_reached": e["reached"], "seeds": e["n_seeds"]}
+            for strategy, e in table["strategies"].items() if strategy != table["baseline"]}
+    for strategy, claimed in PAPER_SPEEDUPS.items():
+        for target, table in tables.items():
+            entry = table["strategies"].get(strategy)
+            verdict = claim_verdict(entry, claimed)
+            if verdict is None:
+                continue
+            metrics["verdict"].setdefault(strategy, {})[target] = VERDICT_CODES[verdict]
+            b = budgets[target]
+            report["claims"].append({
+                "strategy": strategy, "claim": CLAIM_NAMES[strategy], "claimed": claimed, "target": target,
+                "verdict": verdict, "code": VERDICT_CODES[verdict], "budget": b,
+                "text": (f"{CLAIM_NAMES[strategy]} {claimed}x vs const, target {target}: {verdict} "
+                         f"at {b['steps']} steps x {b['seeds']} seeds; measured {interval_text(entry)}"
+                         f" ({entry['summary']})")})
+    return metrics, report
+
+
+def run_description(params) -> dict:
+    """What the results page names as its source: commit, machine, and the settings it ran."""
+    import os
+    import subprocess
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        commit = "unknown"
+    model = "unknown CPU"
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    isa = "+".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags) or "no AVX2"
+    ev = params.eval
+    return {"commit": commit, "machine": f"{model}, {os.cpu_count()} cores ({isa})",
+            "sweep": dataclasses.asdict(params.sweep), "batch_size": params.train.batch_size,
+            "lr": params.train.lr, "sampler": f"{ev.sampler} {ev.sampling_steps} steps ({ev.spacing} grid"
+                                              f"{', x0 clamp' if ev.clip_x0 else ''})"}
