@@ -13,7 +13,7 @@ export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: setup dataset repro test bench clean
+.PHONY: setup dataset repro ablation test bench clean
 
 setup: $(STAMP) dataset
 
@@ -45,6 +45,10 @@ dataset:
 
 repro: setup
 	$(BIN)/dvc repro
+
+# The multi-space ablation (ablation/dvc.yaml): the default sweep again on single-space latents.
+ablation: setup
+	$(BIN)/dvc repro ablation/dvc.yaml
 
 # Two xdist workers per core count: the end-to-end and Ray tests spend much of their time
 # waiting on process start-up, so a second worker runs the unit tests meanwhile. loadfile

@@ -131,3 +131,38 @@ def speedup_figure(tables: dict[str, dict], metric: str):
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def ablation_figure(curves: dict[str, pd.DataFrame], comparison: dict, target: str, metric: str):
+    """The multi-space ablation: one panel per strategy, mean FID over seeds of each latent
+    space (log axes, min-max band), with the paired final-FID difference in the title."""
+    from .ablation import interval_of
+
+    arms = list(curves)
+    strategies = list(comparison[target])
+    colors = strategy_colors(arms)
+    fig, axes = plt.subplots(1, len(strategies), figsize=(4.6 * len(strategies), 4.6), dpi=120,
+                             squeeze=False, sharey=True)
+    for ax, strategy in zip(axes[0], strategies):
+        for arm in arms:
+            frame = curves[arm]
+            frame = frame[(frame["target"] == target) & (frame["strategy"] == strategy)]
+            means = mean_curves(frame)
+            ax.plot(means["step"], means["fid_mean"], marker="o", ms=3, color=colors[arm], label=arm)
+            ax.fill_between(means["step"], means["fid_min"], means["fid_max"], color=colors[arm], alpha=0.15)
+        row = comparison[target][strategy]
+        ax.set_title(f"{strategy}: {arms[0]} − {arms[1]} = {interval_of(row['difference'], '+.1f')}", fontsize=9)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            axis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel("training step (log scale)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].set_ylabel(f"{metric} (log scale)")
+    axes[0][-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    n_seeds = max(int(c["seed"].nunique()) for c in curves.values())
+    fig.suptitle(f"target {target}: {metric} vs step, mean over seeds, band = min-max over {n_seeds} seeds; "
+                 f"title: final difference [95% CI]", fontsize=10)
+    fig.tight_layout()
+    return fig

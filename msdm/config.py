@@ -11,7 +11,7 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -58,7 +58,7 @@ class AutoencoderConfig:
     ssim_weight: float = option(0.3, min=0.0, max=1.0, doc="lambda in lambda*(1-SSIM)+(1-lambda)*Huber")
     recon_loss: str = option("hybrid", choices=("hybrid", "l2"))
     huber_delta: float = option(0.1, min=0.0, min_exclusive=True)
-    steps: int = option(2000, min=0)
+    steps: int = option(1750, min=0)
     batch_size: int = option(128, min=1)
     lr: float = option(2e-3, min=0.0, min_exclusive=True)
     seed: int = option(0, min=0)
@@ -287,10 +287,41 @@ def read_yaml(path: Path, *, missing_hint: str, error: type[ConfigError] = Confi
         raise error(f"{path}: not valid YAML: {e}") from None
 
 
-def load_params(path: str | Path = "params.yaml", cls: type[Params] = Params) -> Params:
+def load_params(path: str | Path = "params.yaml", cls: type[Params] = Params,
+                overrides: Sequence[str] = ()) -> Params:
+    """`path`, with `overrides` ("section.key=VALUE", VALUE in YAML) applied before validation."""
     path = Path(path)
     raw = read_yaml(path, missing_hint="params file not found (run from the repository root)")
-    return params_from_dict(raw if raw is not None else {}, cls)
+    raw = raw if raw is not None else {}
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return params_from_dict(raw, cls)
+
+
+def apply_overrides(raw: Any, overrides: Sequence[str]) -> dict:
+    """A copy of the raw params mapping with each "section.key=VALUE" set, as `dvc exp run -S` does.
+
+    VALUE is read as YAML (`[x0, eps]`, `0.5`, `true`); what it sets is validated with the rest.
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: expected a mapping of sections, got {type(raw).__name__}")
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        section, dot, name = key.strip().partition(".")
+        if not sep or not dot or not section or not name or "." in name:
+            raise ConfigError(f"override {item[:200]!r}: expected section.key=VALUE, e.g. autoencoder.subspaces=1")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {key}: VALUE {text[:200]!r} is not valid YAML ({type(e).__name__})") from None
+        current = out.get(section)
+        if current is None:
+            current = {}
+        if not isinstance(current, dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {type(current).__name__}")
+        out[section] = {**current, name: value}
+    return out
 
 
 def replace(p: Params, section: str, **changes) -> Params:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from msdm import config as library
 from msdm.config import PRESETS, STRATEGIES, TARGETS, Params, need, option
@@ -17,9 +17,9 @@ from msdm.config import PRESETS, STRATEGIES, TARGETS, Params, need, option
 @dataclass(frozen=True)
 class SweepConfig:
     strategies: list = option(["const", "min_snr", "dysigma"])
-    targets: list = option(["x0", "eps", "v"], doc="prediction targets; each compared with const of the same target")
+    targets: list = option(["x0"], doc="prediction targets; each compared with const of the same target")
     seeds: list = option([0, 1, 2])
-    steps: int = option(400, min=1)
+    steps: int = option(300, min=1)
     eval_every: int = option(100, min=1)
     num_samples: int = option(500, min=2)
     preset: str = option("vit-tiny", choices=PRESETS)
@@ -74,5 +74,5 @@ def params_from_dict(raw: Any) -> PipelineParams:
     return library.params_from_dict(raw, PipelineParams)
 
 
-def load_params(path: str | Path = "params.yaml") -> PipelineParams:
-    return library.load_params(path, PipelineParams)
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> PipelineParams:
+    return library.load_params(path, PipelineParams, overrides)

@@ -75,14 +75,18 @@ def run_stage(name: str, body: Callable[[PipelineParams, argparse.Namespace], No
               argv: list[str] | None = None, *, paths: dict[str, str | Path] | None = None,
               description: str | None = None) -> int:
     parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
-    parser.add_argument("--params", default="params.yaml", metavar="PATH", help="(default: params.yaml)")
+    parser.add_argument("--params", default="params.yaml", metavar="PATH",
+                        help="the params file, validated before any compute (default: params.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",
+                        help="override one value of the params file (VALUE in YAML), like dvc exp run -S; "
+                             "repeatable. The ablation pipeline (ablation/dvc.yaml) uses it")
     add_paths(parser, **(paths or {}))
     if configure is not None:
         configure(parser)
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
-        params = load_params(args.params)
+        params = load_params(args.params, args.overrides)
         body(params, args)
     except ARTEFACT_ERRORS as e:
         print(f"{name}: error: {e}{remake_hint(str(e))}", file=sys.stderr)

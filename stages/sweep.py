@@ -29,12 +29,18 @@ def body(params: PipelineParams, args) -> None:
     paths = ArtefactPaths(latents=str(args.latents), autoencoder=str(args.autoencoder),
                           featurenet=str(args.featurenet), fid_ref=str(args.fid_ref))
     init_ray(params.ray)
-    out = run_sweep(train_spec(params, paths, stage_storage(params, "sweep")), args.out)
+    out = run_sweep(train_spec(params, paths, stage_storage(params, args.runs)), args.out)
     print(f"sweep: wrote {out.curves} and {out.trials}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("sweep", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+    return run_stage("sweep", body, configure=_options, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+
+
+def _options(parser) -> None:
+    parser.add_argument("--runs", default="sweep", metavar="NAME",
+                        help="the folder under ray.storage_path that keeps this sweep's Ray runs and checkpoints "
+                             "(declared in dvc.yaml as results/ray/NAME, persistent; default: sweep)")
 
 
 if __name__ == "__main__":

@@ -97,9 +97,12 @@ def test_param_change_reruns_only_downstream(repo):
 
 
 def _cmd_paths(cmd: str) -> dict[str, str]:
-    """{--option: path} of a stage command (every option but --params takes a path)."""
+    """{--option: path} of a stage command (every option but --params, --set and --runs takes a path)."""
     args = shlex.split(cmd)
-    return {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a != "--params"}
+    return {a: args[i + 1] for i, a in enumerate(args) if a.startswith("--") and a not in NOT_PATHS}
+
+
+NOT_PATHS = {"--params", "--set", "--runs"}
 
 
 def test_every_path_a_stage_command_names_is_declared_and_is_the_stage_default():
@@ -122,6 +125,31 @@ def test_every_path_a_stage_command_names_is_declared_and_is_the_stage_default()
         module = importlib.import_module(f"stages.{name}")
         if hasattr(module, "PATHS"):  # report declares its options itself
             assert paths == {f"--{k.replace('_', '-')}": v for k, v in module.PATHS.items()}, name
+
+
+def test_the_ablation_pipeline_declares_every_path_and_sweeps_like_the_default():
+    """ablation/dvc.yaml: each path its commands pass is a dep or output of that stage; its sweep
+    reads the same params as the default sweep (plus the autoencoder it decodes with); every
+    stage runs from the repository root; its outputs do not overlap the default pipeline's."""
+    root = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    ablation = yaml.safe_load((REPO / "ablation" / "dvc.yaml").read_text())
+    single = ablation["vars"][0]["single_space"]
+    params = PipelineParams()
+    assert (single["subspaces"], single["channels"]) == (1, params.autoencoder.subspaces * params.autoencoder.channels)
+
+    def declared(stage, keys=("deps", "outs", "metrics", "plots")):
+        return [e if isinstance(e, str) else next(iter(e)) for key in keys for e in stage.get(key, [])]
+
+    root_outputs = {p for stage in root.values() for p in declared(stage, ("outs", "metrics", "plots"))}
+    for name, stage in ablation["stages"].items():
+        assert stage["wdir"] == ".."
+        cmd = stage["cmd"].replace("${single_space.subspaces}", "1").replace("${single_space.channels}", "12")
+        for option, path in _cmd_paths(cmd).items():
+            assert any(Path(path) == Path(d) or Path(d) in Path(path).parents or Path(path) in Path(d).parents
+                       for d in declared(stage)), f"{name}: {option} {path} is neither a dep nor an output"
+        outputs = set(declared(stage, ("outs", "metrics", "plots")))
+        assert not outputs & root_outputs, name
+    assert ablation["stages"]["sweep_k1"]["params"] == ["autoencoder", *root["sweep"]["params"]]
 
 
 # The fields pipeline.spec.trial_params sets: a trial's only differences from the train run.
@@ -217,3 +245,53 @@ def test_sigkill_during_train_resumes_from_checkpoint(repo):
     # every eval present once; the rows after the last checkpoint were redone, not duplicated
     assert curve_steps(curve) == list(range(4, 29, 4))
     assert load(repo, "metrics/train.json")["step"] == 28
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, check=True,
+                          capture_output=True, text=True).stdout
+
+
+def test_metrics_are_tracked_in_git_and_a_failed_experiment_keeps_them(repo):
+    """metrics/ is not ignored (an experiment's commit carries its numbers), and a `dvc exp run`
+    whose params are refused leaves every metrics file byte for byte as it was."""
+    assert "metrics/eval.json" in _git(repo, "status", "--porcelain", "--untracked-files=all", "metrics")
+    before = {p.name: p.read_bytes() for p in sorted((repo / "metrics").glob("*.json"))}
+    assert {"autoencoder.json", "eval.json", "train.json", "speedup.json"} <= set(before)
+    params = (repo / "params.yaml").read_text()
+    try:
+        proc = dvc(repo, "exp", "run", "-S", "weighting.strategy=foo", "train", check=False)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert proc.returncode != 0
+    assert "weighting.strategy: got 'foo'" in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in sorted((repo / "metrics").glob("*.json"))} == before
+
+
+def test_an_experiment_shows_its_fid_beside_the_committed_run(repo):
+    """The README's variant workflow: commit a run, `dvc exp run -S ... train evaluate`, then
+    `dvc exp show --only-changed` lists both FIDs."""
+    _git(repo, "add", "-A")
+    _git(repo, "commit", "-qm", "a finished run, with its metrics")
+    dvc(repo, "exp", "run", "-S", "weighting.strategy=min_snr", "train", "evaluate", timeout=600)
+    rows = json.loads(dvc(repo, "exp", "show", "--only-changed", "--json").stdout)
+
+    def fid(entry) -> float | None:
+        data = (entry.get("data") or {})
+        return ((data.get("metrics") or {}).get("metrics/eval.json", {}).get("data") or {}).get("fid")
+
+    def strategy(entry) -> str | None:
+        data = (entry.get("data") or {})
+        return (data.get("params") or {}).get("params.yaml", {}).get("data", {}).get("weighting", {}).get("strategy")
+
+    baseline = next(r for r in rows if r.get("rev") != "workspace")
+    experiments = [e for r in [baseline] for group in (r.get("experiments") or []) for e in group.get("revs", [])]
+    assert strategy(baseline) == "dysigma_min_snr" and fid(baseline) is not None
+    assert [strategy(e) for e in experiments] == ["min_snr"] and fid(experiments[0]) is not None
+    assert fid(experiments[0]) != fid(baseline)
+    # the table a user reads: one row per run, the FID column filled in both
+    table = list(csv.DictReader(dvc(repo, "exp", "show", "--only-changed", "--csv").stdout.splitlines()))
+    fid_columns = [c for c in table[0] if c == "fid" or c.endswith(":fid")]
+    assert fid_columns, list(table[0])
+    filled = [r for r in table if r[fid_columns[0]] not in ("", "!", "-")]
+    assert len(filled) >= 2, table
