@@ -70,3 +70,34 @@ def run_description(params) -> dict:
             "sweep": dataclasses.asdict(params.sweep), "batch_size": params.train.batch_size,
             "lr": params.train.lr, "sampler": f"{ev.sampler} {ev.sampling_steps} steps ({ev.spacing} grid"
                                               f"{', x0 clamp' if ev.clip_x0 else ''})"}
+
+
+def plot_tables(curves_by_target: dict[str, pd.DataFrame], tables: dict[str, dict], timesteps: int) -> dict:
+    """Tidy tables for DVC's plots (dvc.yaml's top-level `plots:`), one row per point:
+
+    - curves: target, strategy, step, fid_mean (over seeds), fid_min, fid_max, n_seeds;
+    - weights: target, strategy, t, weight (mean over seeds at each run's last eval);
+    - speedups: label (target/strategy), target, strategy, geo_mean, ci_low, ci_high (empty where
+      censored seeds leave no number), seeds_reached, seeds.
+    """
+    from .convergence import bucket_centres, mean_curves, weight_columns, weight_profiles
+
+    curves, weights, speedups = [], [], []
+    for target, frame in curves_by_target.items():
+        curves.append(mean_curves(frame).assign(target=target))
+        late = weight_profiles(frame)
+        late = late[late["phase"] == "late"]
+        centres = bucket_centres(len(weight_columns(frame)), timesteps)
+        weights.append(pd.DataFrame({"target": target, "strategy": late["strategy"],
+                                     "t": centres[late["bucket"].to_numpy()], "weight": late["weight"]}))
+        table = tables[target]
+        for strategy, e in table["strategies"].items():
+            if strategy != table["baseline"]:
+                speedups.append({"label": f"{target}/{strategy}", "target": target, "strategy": strategy,
+                                 "geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+                                 "seeds_reached": e["reached"], "seeds": e["n_seeds"]})
+    curve_columns = ["target", "strategy", "step", "fid_mean", "fid_min", "fid_max", "n_seeds"]
+    return {"curves": pd.concat(curves, ignore_index=True)[curve_columns],
+            "weights": pd.concat(weights, ignore_index=True),
+            "speedups": pd.DataFrame(speedups, columns=["label", "target", "strategy", "geo_mean", "ci_low",
+                                                        "ci_high", "seeds_reached", "seeds"])}

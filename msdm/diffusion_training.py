@@ -215,6 +215,15 @@ def _num(v: str) -> Any:
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
+def progress_line(name: str, step: int, steps: int, loss: float, done: int, seconds: float) -> str:
+    """'train[const] step 300/4000 (7%)  loss 0.412  9.8 steps/s  ETA 6m17s'."""
+    rate = done / seconds if seconds > 0 else float("nan")
+    eta = (steps - step) / rate if rate > 0 else float("nan")
+    eta_text = f"{int(eta // 60)}m{int(eta % 60):02d}s" if math.isfinite(eta) else "?"
+    return (f"train[{name}] step {step}/{steps} ({100 * step // max(steps, 1)}%)  loss {loss:.4g}  "
+            f"{rate:.1f} steps/s  ETA {eta_text}")
+
+
 def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                hooks: TrainHooks | None = None,
                evaluate: Callable[[nn.Module, int], dict] | None = None,
@@ -343,6 +352,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
 
         bar = tqdm(total=steps, initial=step, desc=f"train[{params.weighting.strategy}]", disable=None,
                    mininterval=2.0)
+        if bar.disable:  # no terminal: progress lines instead (below)
+            bar = None
     model.train()
     while step < steps:
         if pos + local_batch * world > n:
@@ -390,6 +401,10 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
             weight_log.add(out.t, out.weights)
         if bar is not None:
             bar.update(1)
+        elif progress and rank == 0 and tc.log_every > 0 and step % tc.log_every == 0:
+            # one line per log_every steps where no terminal shows a bar (Ray workers, dvc logs)
+            print(progress_line(params.weighting.strategy, step, steps, float(loss_sum) / max(window_steps, 1),
+                                step - start_step, time.perf_counter() - t_start), flush=True)
         if rank == 0 and (step % eval_every == 0 or step == steps):
             row = do_eval()
             if bar is not None:

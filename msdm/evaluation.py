@@ -1,7 +1,7 @@
 """Sample latents with the EMA model, decode them with the stage-1 decoder, measure FID."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ class SampleGenerator:
         self.diffusion = GaussianDiffusion(params.diffusion.timesteps, params.diffusion.schedule)
         self.learn_sigma = strategy_learns_variance(params.weighting.strategy)
         self.precision = resolve_precision(params.train.precision, self.device, key="train.precision")
+        self.on_batch: Callable[[int, int], None] | None = None  # (samples done, samples asked) per batch
 
     @torch.inference_mode()
     def latents(self, model: nn.Module, n: int, *, seed: int, labels: Tensor | None = None) -> Tensor:
@@ -58,6 +59,8 @@ class SampleGenerator:
             out.append(sample(denoiser, (b, self.info.channels, self.info.size, self.info.size), labels=y,
                               steps=ev.sampling_steps, sampler=ev.sampler, eta=ev.eta, spacing=ev.spacing,
                               generator=g, device=self.device))
+            if self.on_batch is not None:
+                self.on_batch(start + b, n)
         model.train(was_training)
         return torch.cat(out)
 

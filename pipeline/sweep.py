@@ -97,6 +97,16 @@ class ResourceBoundTrials(BasicVariantGenerator):
         pass
 
 
+def progress_table():
+    """Tune's status table, every 30 s and at the end: one row per trial with its strategy,
+    target, seed, last reported step and FID."""
+    from ray import tune
+
+    return tune.CLIReporter(parameter_columns=["strategy", "target", "seed"],
+                            metric_columns={"step": "step", "fid": "FID"}, max_report_frequency=30,
+                            max_progress_rows=100, print_intermediate_tables=True, sort_by_metric=False)
+
+
 @dataclass
 class SweepOutputs:
     curves: Path
@@ -130,7 +140,8 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
             tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trials[0].resources.per_run()),
                                         reuse_actors=True),
             # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
-            run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=0,
+            run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=1,
+                                      progress_reporter=progress_table(),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()

@@ -62,6 +62,37 @@ def remake_hint(message: str, pipeline_file: Path = PIPELINE_FILE) -> str:
     return f" Rerun the stage that makes it: dvc repro -f {min(found)[2]}"
 
 
+def progress(desc: str):
+    """A per-batch callback (done, total): a tqdm bar on a terminal, one line per call otherwise."""
+    import sys as _sys
+
+    from tqdm import tqdm
+
+    bars: dict[int, tqdm] = {}
+
+    def update(done: int, total: int) -> None:
+        if not _sys.stderr.isatty():
+            print(f"{desc}: {done}/{total}", flush=True)
+            return
+        bar = bars.setdefault(total, tqdm(total=total, desc=desc, unit="sample"))
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+            bars.pop(total)
+
+    return update
+
+
+def params_read(stage: str, pipeline_file: Path = PIPELINE_FILE) -> str | None:
+    """'Params it reads (dvc.yaml): data, autoencoder', from the stage's `params:` in dvc.yaml."""
+    try:
+        body = ((yaml.safe_load(pipeline_file.read_text()) or {}).get("stages") or {}).get(stage) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    keys = [k if isinstance(k, str) else ", ".join(map(str, k)) for k in body.get("params", [])]
+    return f"Params it reads from params.yaml (dvc.yaml): {', '.join(keys)}" if keys else None
+
+
 def add_paths(parser: argparse.ArgumentParser, **paths: str | Path) -> None:
     """One `--name PATH` option per file or folder the stage reads or writes. dvc.yaml's `cmd`
     passes each; the defaults are the repository's layout, for running a stage by hand."""
@@ -74,7 +105,8 @@ def run_stage(name: str, body: Callable[[PipelineParams, argparse.Namespace], No
               configure: Callable[[argparse.ArgumentParser], None] | None = None,
               argv: list[str] | None = None, *, paths: dict[str, str | Path] | None = None,
               description: str | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m stages.{name}", description=description,
+                                     epilog=params_read(name), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", default="params.yaml", metavar="PATH",
                         help="the params file, validated before any compute (default: params.yaml)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", dest="overrides",

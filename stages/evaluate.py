@@ -11,7 +11,7 @@ import torch
 
 from msdm.io import atomic_write_json, safe_torch_load
 from pipeline.config import PipelineParams
-from stages._cli import require, run_stage
+from stages._cli import progress, require, run_stage
 
 PATHS = {"latents": "data/latents", "autoencoder": "models/autoencoder.pt", "featurenet": "models/featurenet.pt",
          "fid_ref": "results/fid_ref/stats.npz", "model": "models/diffusion.pt", "metrics": "metrics/eval.json",
@@ -39,6 +39,7 @@ def body(params: PipelineParams, args) -> None:
     model.load_state_dict(state["ema"])
 
     gen = SampleGenerator(params, store, str(args.autoencoder), info)
+    gen.on_batch = progress("evaluate: sampling")
     weights = str(args.featurenet) if params.fid.extractor == "featurenet" else params.fid.weights_path
     n = params.eval.final_num_samples
 
@@ -67,7 +68,7 @@ def body(params: PipelineParams, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("evaluate", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+    return run_stage("evaluate", body, argv=argv, paths=PATHS, description=__doc__)
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def body(params: PipelineParams, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("fid_ref", body, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+    return run_stage("fid_ref", body, argv=argv, paths=PATHS, description=__doc__)
 
 
 if __name__ == "__main__":

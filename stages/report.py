@@ -6,7 +6,8 @@ Writes metrics/speedup.json (numbers: per target and strategy the geometric-mean
        0 inconclusive, -1 contradicted at this budget), results/report/speedup.json (the same
        with per-seed values and the verdict sentences), results/report/speedup.csv,
        docs/results.md (the results page) with its figures docs/results/convergence.png (one
-       panel per target), docs/results/speedups.png and docs/results/weights.png
+       panel per target), docs/results/speedups.png and docs/results/weights.png, and the tidy
+       tables dvc.yaml's top-level plots draw (results/report/plots/)
 
 The maths lives in analysis.convergence and the figures in analysis.plots; this file reads and writes.
 """
@@ -35,7 +36,7 @@ from analysis.convergence import (  # noqa: E402
 )
 from analysis.page import results_markdown  # noqa: E402
 from analysis.plots import convergence_figure, speedup_figure, weights_figure  # noqa: E402
-from analysis.report import BASELINE, budget_of, build_report, run_description  # noqa: E402
+from analysis.report import BASELINE, budget_of, build_report, plot_tables, run_description  # noqa: E402
 
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
@@ -57,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--table", default="results/report/speedup.csv", help="tidy per-seed speedups")
     parser.add_argument("--plots-dir", default="docs/results", help="the figures of the results page")
     parser.add_argument("--page", default="docs/results.md", help="the results page")
+    parser.add_argument("--plot-data", default="results/report/plots",
+                        help="curves.csv, weights.csv, speedups.csv: what dvc.yaml's top-level plots draw")
     args = parser.parse_args(argv)
 
     params = load_params(args.params)
@@ -74,6 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
                  plots_dir / "weights.png")
     frames = [speedup_frame(table).assign(target=t) for t, table in tables.items()]
     _write_csv(pd.concat(frames, ignore_index=True), Path(args.table))
+    for name, frame in plot_tables(by_target, tables, params.diffusion.timesteps).items():
+        _write_csv(frame, Path(args.plot_data) / f"{name}.csv")
     atomic_write_json(report, args.report)
     with atomic_path(Path(args.page)) as tmp:
         Path(tmp).write_text(results_markdown(report, run_description(params)) + "\n")

@@ -34,7 +34,7 @@ def body(params: PipelineParams, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_stage("sweep", body, configure=_options, argv=argv, paths=PATHS, description=__doc__.splitlines()[0])
+    return run_stage("sweep", body, configure=_options, argv=argv, paths=PATHS, description=__doc__)
 
 
 def _options(parser) -> None:

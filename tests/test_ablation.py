@@ -1,4 +1,4 @@
-"""The multi-space ablation's comparison (analysis.ablation), its stage, and `--set` overrides."""
+"""The multi-space ablation's comparison (analysis.ablation) and its stage."""
 from __future__ import annotations
 
 import json
@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from analysis.ablation import (VERDICT_MULTI_BETTER, VERDICT_NO_DIFFERENCE, VERDICT_SINGLE_BETTER, AblationError,
                                best_strategy, compare_arms, mean_interval, metrics_numbers)
-from msdm.config import ConfigError, apply_overrides
-from pipeline.config import load_params
 
 MULTI, SINGLE = "K=3xC=4", "K=1xC=12"
 STEPS = (100, 200, 300, 400)
@@ -131,27 +128,3 @@ def test_a_single_space_store_of_another_size_is_refused_before_anything_is_writ
     err = capsys.readouterr().err
     assert "latents: holds 3 subspace(s) x 4 channels, expected 1 x 12" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
-
-
-# ------------------------------------------------------------------------------- --set
-
-def test_overrides_set_yaml_values_and_are_validated_with_the_rest(tmp_path):
-    path = tmp_path / "params.yaml"
-    path.write_text(Path("params.yaml").read_text())
-    p = load_params(path, ["autoencoder.subspaces=1", "autoencoder.channels=12", "sweep.targets=[x0, v]"])
-    assert (p.autoencoder.subspaces, p.autoencoder.channels, p.sweep.targets) == (1, 12, ["x0", "v"])
-    with pytest.raises(ConfigError, match="autoencoder.subspaces: got 0"):
-        load_params(path, ["autoencoder.subspaces=0"])
-    with pytest.raises(ConfigError, match="unknown key"):
-        load_params(path, ["autoencoder.subspace=1"])
-    with pytest.raises(ConfigError, match="expected section.key=VALUE"):
-        load_params(path, ["autoencoder=1"])
-    with pytest.raises(ConfigError, match="not valid YAML"):
-        load_params(path, ["sweep.targets=[x0"])
-
-
-def test_overrides_leave_the_raw_mapping_untouched():
-    raw = yaml.safe_load(Path("params.yaml").read_text())
-    before = json.dumps(raw, sort_keys=True)
-    out = apply_overrides(raw, ["train.steps=5"])
-    assert out["train"]["steps"] == 5 and json.dumps(raw, sort_keys=True) == before

@@ -295,3 +295,21 @@ def test_an_experiment_shows_its_fid_beside_the_committed_run(repo):
     assert fid_columns, list(table[0])
     filled = [r for r in table if r[fid_columns[0]] not in ("", "!", "-")]
     assert len(filled) >= 2, table
+
+
+def test_dvc_plots_draw_a_series_per_strategy_and_diff_two_runs(repo):
+    """The top-level plots render from the cached data: the sweep plot is coloured by strategy
+    (one series each), and `dvc plots diff` draws the committed run's and the experiment's train
+    curves. Runs after the experiment test above (same repo)."""
+    shown = json.loads(dvc(repo, "plots", "show", "--json").stdout)["data"]
+    sweep = shown["sweep_fid"][0]["content"]
+    assert sweep["spec"]["encoding"]["color"]["field"] == "strategy"
+    series = {(v["target"], v["strategy"]) for v in sweep["data"]["values"]}
+    assert series == {("x0", "const"), ("x0", "dysigma")}
+    bars = shown["sweep_speedups"][0]["content"]
+    assert bars["encoding"]["y"]["type"] == "nominal" and [v["label"] for v in bars["data"]["values"]] == ["x0/dysigma"]
+    experiment = dvc(repo, "exp", "list", "--name-only").stdout.split()[0]
+    diff = json.loads(dvc(repo, "plots", "diff", "HEAD", experiment, "--json").stdout)["data"]
+    train = diff["train_fid"][0]
+    assert set(train["revisions"]) == {"HEAD", experiment}
+    assert {v["rev"] for v in train["content"]["data"]["values"]} == {"HEAD", experiment}

@@ -102,3 +102,15 @@ def test_corrupt_checkpoint_is_refused_by_name(data, tmp_path):
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(CorruptFileError, match=str(ckpt)):
         run(tiny_params(), data, tmp_path, "bad")
+
+
+def test_without_a_terminal_the_loop_logs_a_progress_line_every_log_every_steps(data, capsys):
+    """Ray workers and dvc logs have no terminal for a bar: every train.log_every steps rank 0
+    prints its step, loss, steps per second and ETA."""
+    lat, lab = data
+    train_loop(replace(tiny_params("const", steps=6, log_every=2), "eval", every=6), lat, lab, INFO,
+               evaluate=fake_eval)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train[const]")]
+    assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
+    assert all("steps/s" in line and "ETA" in line and "loss" in line for line in lines)
+    assert lines[-1].split("ETA ")[1] == "0m00s"
