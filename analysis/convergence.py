@@ -1,4 +1,4 @@
-"""Convergence speedup of loss-weight strategies against `const` (SPEC section 6).
+"""Convergence speedup of loss-weight strategies against `const` (docs/method.md).
 
 For each seed:
   target          = const's FID at its last evaluation;

@@ -1,4 +1,4 @@
-"""Pre-encoded latent shards: the only thing diffusion training reads (SPEC section 4).
+"""Pre-encoded latent shards: the only thing diffusion training reads (docs/method.md).
 
 Layout of a store directory (e.g. data/latents/):
 

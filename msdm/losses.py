@@ -1,4 +1,4 @@
-"""Stage-1 reconstruction losses (SPEC section 4): hybrid SSIM + Huber, and L2 for the ablation.
+"""Stage-1 reconstruction losses (docs/method.md): hybrid SSIM + Huber, and L2 for the ablation.
 
 Images are in [-1, 1]. SSIM is computed on (x + 1) / 2 with data_range = 1, i.e. the
 standard SSIM of the [0, 1] image. SSIM's luminance term (2 mu_x mu_y + C1) / (mu_x^2 +

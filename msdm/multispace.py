@@ -1,4 +1,4 @@
-"""Stage-1 multi-space autoencoder (SPEC section 4).
+"""Stage-1 multi-space autoencoder (docs/method.md).
 
 The encoder maps an image to K*C channels at 1/f resolution: K subspaces of C channels.
 The decoder fuses the subspaces with multi-head cross-attention (query = subspace 0,

@@ -1,4 +1,4 @@
-"""Steps-to-target and speedup (SPEC section 6) on synthetic curves with known answers,
+"""Steps-to-target and speedup on synthetic curves with known answers,
 and the report stage end to end on a synthetic sweep."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Schedules, forward process, targets, posterior and VLB pieces against their closed forms
-(SPEC section 2). Every expected value below is computed independently of msdm.diffusion."""
+. Every expected value below is computed independently of msdm.diffusion."""
 from __future__ import annotations
 
 import math

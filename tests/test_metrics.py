@@ -1,4 +1,4 @@
-"""FID through torch-fidelity and the FeatureNet domain extractor (SPEC section 6).
+"""FID through torch-fidelity and the FeatureNet domain extractor.
 
 Everything runs offline on tiny synthetic images: a 4-class task where class k is a bright
 square in quadrant k. The Inception-V3 tests build torch-fidelity's real architecture with

@@ -1,4 +1,4 @@
-"""The ViT backbone (SPEC section 5) and the samplers (SPEC section 2): DDIM / DDPM with an
+"""The ViT backbone and the samplers: DDIM / DDPM with an
 oracle denoiser must return the data, the learned variance must set the DDPM noise, and
 classifier-free guidance must combine predictions as uncond + s * (cond - uncond)."""
 from __future__ import annotations

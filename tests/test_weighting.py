@@ -1,4 +1,4 @@
-"""Loss-weight strategies (SPEC section 3) against hand-computed weights, the cross-target
+"""Loss-weight strategies against hand-computed weights, the cross-target
 equivalence of predefined weights, Dy-Sigma's bounds and gradient routing, the learnable
 weights, the diffusion loss, and a short real training run per strategy."""
 from __future__ import annotations
