@@ -54,7 +54,7 @@ ablation: setup
 # waiting on process start-up, so a second worker runs the unit tests meanwhile. loadfile
 # keeps each file's tests (and its shared tiny repo or Ray cluster) on one worker.
 test: setup
-	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=10 tests
 
 bench: setup
 	$(BIN)/python benchmarks/run_all.py

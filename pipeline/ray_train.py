@@ -142,6 +142,10 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
             name=spec.name, storage_path=spec.storage, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=spec.params.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Ray Train's INFO lines (worker group started, every checkpoint's path) drown the
+            # progress lines; warnings and errors still reach the console, and Ray's session
+            # log files keep everything
+            logging_config=ray.train.LoggingConfig(log_level="WARNING"),
         ),
     )
 
