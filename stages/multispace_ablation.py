@@ -54,6 +54,7 @@ def body(params: PipelineParams, args) -> None:
     from analysis.convergence import SweepResultsError, interval_text, read_sweep
     from pipeline.errors import PipelineError
     from analysis.plots import ablation_figure
+    from analysis.report import run_description
     from msdm.io import atomic_path, atomic_write_json
 
     multi_name, single_name = arm_names(params)
@@ -85,7 +86,8 @@ def body(params: PipelineParams, args) -> None:
               "strategies": list(s.strategies), "targets": list(s.targets)}
     page = ablation_markdown(comparison, multi_name=multi_name, single_name=single_name, budget=budget,
                              metric=metric, autoencoders=autoencoders,
-                             figure=os.path.relpath(args.plot, args.page.parent), command=COMMAND)
+                             figure=os.path.relpath(args.plot, args.page.parent), command=COMMAND,
+                             run=run_description(params))
     with atomic_path(args.page) as tmp:
         tmp.write_text(page)
     atomic_write_json({"arms": [multi_name, single_name], "metric": metric, "budget": budget,
