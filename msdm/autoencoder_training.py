@@ -139,12 +139,10 @@ def reconstruction_metrics(model: nn.Module, images_u8: torch.Tensor, *, batch_s
 
 
 def save_reconstruction_grid(model: nn.Module, images_u8: torch.Tensor, path, *, batch_size: int = 1000,
-                             device: torch.device | str = "cpu") -> None:
-    """A PNG of the images (top row) above their reconstructions (bottom row), written atomically."""
-    from torchvision.utils import save_image
+                             device: torch.device | str = "cpu", title: str = "") -> None:
+    """A labelled PNG: the test images (top row) above their reconstructions, written atomically."""
+    from msdm.data import to_uint8
+    from msdm.plots import save_row_grid
 
-    from msdm.io import atomic_path
-
-    grid = torch.cat([from_uint8(images_u8), reconstruct(model, images_u8, batch_size=batch_size, device=device)])
-    with atomic_path(path) as tmp:
-        save_image((grid + 1) / 2, tmp, nrow=len(images_u8), padding=2, format="png")
+    recon = to_uint8(reconstruct(model, images_u8, batch_size=batch_size, device=device))
+    save_row_grid([images_u8, recon], ["original", "reconstruction"], path, title=title)

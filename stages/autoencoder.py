@@ -72,7 +72,11 @@ def body(params: PipelineParams, args) -> None:
     metrics = {**reconstruction_metrics(model, test, batch_size=batch, device=device), **facts, "device": device}
     (save_sd_vae if params.autoencoder.kind == "sd-vae" else save_autoencoder)(model.cpu(), args.model)
     atomic_write_json(metrics, args.metrics)
-    save_reconstruction_grid(model, test[:NUM_SHOWN], args.plot, batch_size=batch, device=device)
+    a = params.autoencoder
+    shape = f"K={a.subspaces} x C={a.channels}" if a.kind == "multispace" else a.kind
+    save_reconstruction_grid(model, test[:NUM_SHOWN], args.plot, batch_size=batch, device=device,
+                             title=f"{shape} autoencoder, {metrics['steps']} steps: test SSIM {metrics['ssim']:.4f}, "
+                                   f"PSNR {metrics['psnr']:.2f} dB (over {metrics['num_images']} test images)")
     how = f", {metrics['precision']}: {metrics['precision_reason']}" if "precision" in metrics else ""
     print(f"autoencoder ({params.autoencoder.kind}): test ssim {metrics['ssim']:.4f}, psnr {metrics['psnr']:.2f} dB, "
           f"l1 {metrics['l1']:.4f} over {metrics['num_images']} images; {metrics['params']} params, "

@@ -62,7 +62,9 @@ def body(params: PipelineParams, args) -> None:
     classes = max(info.num_classes, 1)
     labels = torch.arange(classes).repeat_interleave(GRID_COLUMNS) if info.num_classes > 0 else None
     images = gen.images(model, classes * GRID_COLUMNS, seed=params.eval.seed + 1, labels=labels)
-    save_class_grid(images, classes, GRID_COLUMNS, args.samples, dataset=params.data.dataset)
+    save_class_grid(images, classes, GRID_COLUMNS, args.samples, dataset=params.data.dataset,
+                    title=f"{params.weighting.strategy}, target {params.diffusion.target}, step {int(state['step'])}: "
+                          f"{final['metric']} {final['fid']:.1f} ({n} samples)")
     print(f"evaluate: {final['metric']} = {final['fid']:.3f} over {n} samples "
           f"(untrained model: {baseline['fid']:.3f})")
 
