@@ -64,14 +64,12 @@ def remake_hint(message: str, pipeline_file: Path = PIPELINE_FILE) -> str:
 
 def progress(desc: str):
     """A per-batch callback (done, total): a tqdm bar on a terminal, one line per call otherwise."""
-    import sys as _sys
-
     from tqdm import tqdm
 
     bars: dict[int, tqdm] = {}
 
     def update(done: int, total: int) -> None:
-        if not _sys.stderr.isatty():
+        if not sys.stderr.isatty():
             print(f"{desc}: {done}/{total}", flush=True)
             return
         bar = bars.setdefault(total, tqdm(total=total, desc=desc, unit="sample"))
