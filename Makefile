@@ -9,7 +9,6 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 # dvc.yaml's `python -m stages.X` must find the venv's interpreter
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export DVC_NO_ANALYTICS := 1
-export RAY_AUTH_MODE := disabled
 export RAY_USAGE_STATS_ENABLED := 0
 export PYTHONDONTWRITEBYTECODE := 1
 

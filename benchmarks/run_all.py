@@ -36,7 +36,6 @@ sys.path.insert(0, str(REPO))  # msdm, pipeline (also installed editable; this k
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # cpubench, gpu_check
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 
 import torch  # noqa: E402

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 
 from .config import RayConfig
+from .errors import PipelineError
 
-# Quiet, local-only defaults; set before Ray is imported anywhere in this process.
+# Quiet defaults; set before Ray is imported anywhere in this process.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_DEDUP_LOGS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # Ray Train/Tune print a large table per report by default; our own tqdm bars show progress.
@@ -17,8 +18,36 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 
+def close_local_cluster() -> None:
+    """Make the local cluster this process is about to start unreachable from the network.
+
+    Loopback: Ray's own switch for single-machine clusters (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`,
+    the default on macOS and Windows) makes the node's IP 127.0.0.1, and every service binds
+    to it: GCS, raylet, object manager, workers, dashboard, agents and metrics servers. Ray's
+    processes read the variable; this process imported Ray already, so its constant is set too.
+    Token auth on top (unless $RAY_AUTH_MODE says otherwise): loopback is still open to the
+    machine's other users. A fresh random token per cluster, in the environment that Ray's
+    processes inherit and nowhere on disk.
+    """
+    from ray._private import ray_constants
+    from ray._raylet import Config
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    if "RAY_AUTH_MODE" not in os.environ:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        Config.initialize("")  # Ray read its config at import: reread it, as Ray's own token set-up does
+
+
+def is_local_cluster() -> bool:
+    """Whether this process belongs to a cluster that `close_local_cluster` set up (Ray's
+    processes inherit the variable): every worker is on this machine, on loopback."""
+    return os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
+
+
 def init_ray(cfg: RayConfig):
-    """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster (dashboard on 127.0.0.1).
+    """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster on loopback with token auth.
 
     Reuses an existing connection, so stages and tests pay Ray's start-up once per process.
     """
@@ -27,9 +56,10 @@ def init_ray(cfg: RayConfig):
     if ray.is_initialized():
         return ray
     address = cfg.address or os.environ.get("RAY_ADDRESS", "")
-    if address:
+    if address:  # a real cluster: its own network settings and token ($RAY_AUTH_MODE, $RAY_AUTH_TOKEN)
         ray.init(address=address, log_to_driver=True)
         return ray
+    close_local_cluster()
     # The dashboard process also serves Ray's state API, which Ray Train's placement-group
     # cleanup polls; it is bound to loopback only.
     kwargs = dict(num_cpus=cfg.num_cpus or None, dashboard_host="127.0.0.1",
@@ -44,6 +74,22 @@ def init_ray(cfg: RayConfig):
         ray.shutdown()
         ray.init(include_dashboard=False, **kwargs)
     return ray
+
+
+def require_room(per_run: dict[str, float], section: str, cfg: RayConfig) -> None:
+    """Refuse, before anything starts, a run whose worker group the local cluster cannot hold:
+    Ray would wait for the resources forever. (A real cluster may grow: not checked there.)"""
+    import ray
+
+    if cfg.address or os.environ.get("RAY_ADDRESS"):
+        return
+    total = ray.cluster_resources()
+    short = {k: (v, total.get(k, 0)) for k, v in per_run.items() if v > total.get(k, 0)}
+    if short:
+        need = ", ".join(f"{int(v)} {k}" for k, (v, _) in short.items())
+        have = ", ".join(f"{int(h)} {k}" for k, (_, h) in short.items())
+        raise PipelineError(f"{section}: one run needs {need} ({section}.num_workers x {section}.cpus_per_worker), "
+                            f"the local Ray cluster has {have}; lower them (or raise ray.num_cpus)")
 
 
 def assigned_cpu_threads() -> int:

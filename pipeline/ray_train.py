@@ -126,6 +126,9 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from .cluster import is_local_cluster
+    from .loopback_torch import LoopbackTorchConfig
+
     check_tracking(spec.params)  # a missing wandb fails here, before any worker starts
     res = spec.resources
     return TorchTrainer(
@@ -137,7 +140,9 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
             num_workers=res.num_workers, use_gpu=res.use_gpu,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
         ),
-        torch_config=TorchConfig(backend="nccl" if res.use_gpu else "gloo"),
+        # on the local cluster, torch.distributed's rendezvous listens on loopback only
+        torch_config=(LoopbackTorchConfig if is_local_cluster() else TorchConfig)(
+            backend="nccl" if res.use_gpu else "gloo"),
         run_config=ray.train.RunConfig(
             name=spec.name, storage_path=spec.storage, callbacks=list(callbacks),
             failure_config=ray.train.FailureConfig(max_failures=spec.params.train.max_failures),

@@ -41,7 +41,7 @@ def body(params: PipelineParams, args) -> None:
     if args.preset:
         raise ConfigError("--preset only goes with --dry-run; a real run takes its params from params.yaml "
                           "(run a preset with: python -m pipeline.presets PRESET, then the dvc exp run it prints)")
-    from pipeline.cluster import init_ray
+    from pipeline.cluster import init_ray, require_room
     from pipeline.ray_train import export_final_model, fit
     from pipeline.spec import stage_storage, train_spec
 
@@ -52,6 +52,7 @@ def body(params: PipelineParams, args) -> None:
                           featurenet=str(args.featurenet), fid_ref=str(args.fid_ref), curve=str(args.curve))
     init_ray(params.ray)
     spec = train_spec(params, paths, stage_storage(params, "train"))
+    require_room(spec.resources.per_run(), "train", params.ray)
     summary = fit(spec)
     export_final_model(spec, summary.checkpoint, args.model)
     atomic_write_json({**summary.metrics, "run_name": spec.name}, args.metrics)

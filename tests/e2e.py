@@ -42,7 +42,7 @@ RUN_MARKER = ("MSDM_E2E_RUN", uuid.uuid4().hex)
 def env() -> dict:
     e = dict(os.environ)
     e["PATH"] = f"{VENV_BIN}{os.pathsep}{e.get('PATH', '')}"
-    e.update(DVC_NO_ANALYTICS="1", RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+    e.update(DVC_NO_ANALYTICS="1", RAY_USAGE_STATS_ENABLED="0",
              PYTHONDONTWRITEBYTECODE="1")
     e[RUN_MARKER[0]] = RUN_MARKER[1]
     e.pop("RAY_ADDRESS", None)
@@ -63,12 +63,28 @@ def marked_processes() -> list[int]:
     return pids
 
 
+def process_name(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ")[:80].decode(errors="replace")
+    except OSError:
+        return f"pid {pid} (gone)"
+
+
 def kill_marked_processes() -> None:
     for pid in marked_processes():
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def params_text(**sections: dict) -> str:
+    """The repository's params.yaml with some keys of some sections changed: a stage refuses a
+    params file that leaves a section out."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    return yaml.safe_dump(params, sort_keys=False)
 
 
 def copy_repo(dest: Path, overrides: dict | None = None) -> Path:

@@ -74,3 +74,18 @@ class FailRuns:
         if spec.name in self.names:
             raise RuntimeError(f"injected failure in run {spec.name}")
         return hooks
+
+
+def record_listeners(config: dict) -> None:
+    """A Train worker's entry point: its TCP listeners (rendezvous store, gloo) while the group is up."""
+    import json
+
+    import psutil
+    import ray.train
+    import torch.distributed as dist
+
+    dist.barrier()  # every rank has joined: rank 0's store and each gloo listener are up
+    rank = ray.train.get_context().get_world_rank()
+    listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+    Path(config["out"], f"rank{rank}.json").write_text(json.dumps(listening))
+    dist.barrier()

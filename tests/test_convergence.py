@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from e2e import params_text
 from analysis.convergence import (
     SweepResultsError,
     bucket_centres,
@@ -370,7 +371,7 @@ def write_synthetic_sweep(sweep_dir: Path, buckets: int = 10) -> None:
 
 @pytest.fixture
 def report_paths(tmp_path):
-    (tmp_path / "params.yaml").write_text("diffusion:\n  timesteps: 1000\n")
+    (tmp_path / "params.yaml").write_text(params_text(diffusion={"timesteps": 1000}))
     write_synthetic_sweep(tmp_path / "sweep")
     return tmp_path
 
@@ -468,7 +469,7 @@ def test_read_sweep_metric_name_defaults_to_fid_and_refuses_mixed(report_paths):
 
 
 def test_report_cli_missing_curves_names_the_fix(tmp_path):
-    (tmp_path / "params.yaml").write_text("{}\n")
+    (tmp_path / "params.yaml").write_text(params_text())
     result = subprocess.run(
         [sys.executable, "-m", "stages.report", *report_args(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=120,

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from msdm import data
+from e2e import params_text
 from msdm.config import DATASETS, ConfigError, DataConfig
 from msdm.data import DatasetError
 
@@ -365,7 +366,7 @@ def run_stage(cwd: Path, params: str) -> subprocess.CompletedProcess:
 
 @needs_system_fmnist
 def test_download_stage_writes_manifest(tmp_path):
-    result = run_stage(tmp_path, "data:\n  dataset: fashion_mnist\n  root: data/raw\n  download: false\n")
+    result = run_stage(tmp_path, params_text(data={"dataset": "fashion_mnist", "root": "data/raw", "download": False}))
     assert result.returncode == 0, result.stderr
     summary, done = result.stdout.strip().splitlines()  # what was made, then the stage's time
     assert "fashion_mnist" in summary and done.startswith("download: done in ")
@@ -381,7 +382,7 @@ def test_download_stage_writes_manifest(tmp_path):
 
 
 def test_download_stage_fails_clearly_without_data(tmp_path):
-    result = run_stage(tmp_path, "data:\n  dataset: cifar10\n  root: data/raw\n  download: false\n")
+    result = run_stage(tmp_path, params_text(data={"dataset": "cifar10", "root": "data/raw", "download": False}))
     assert result.returncode == 1
     assert "cifar-10-batches-py" in result.stderr and "data.download: true" in result.stderr
     assert not (tmp_path / "data" / "raw" / "manifest.json").exists()

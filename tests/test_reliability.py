@@ -28,7 +28,8 @@ from msdm.io import atomic_path, atomic_torch_save, safe_torch_load
 from msdm.latents import LatentStoreError, LatentStoreWriter, shard_name
 from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
 
-from fault_hooks import CrashOnce, FailRuns
+from e2e import params_text
+from fault_hooks import CrashOnce, FailRuns, record_listeners
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -200,19 +201,71 @@ def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_pa
 
 @pytest.mark.slow
 @RAY_GROUP
-def test_ray_dashboard_listens_on_loopback_only(ray_cluster):
-    """The dashboard serves Ray's job-submission API (code execution): never on a public address."""
+def cluster_listeners() -> list[tuple[str, str, int]]:
+    """(process name, address, port) of every TCP listener of this process and the Ray processes it started."""
     import psutil
-    from ray._private import worker
 
-    url = worker._global_node.webui_url  # "host:port", or empty when the dashboard is off
-    if not url:
-        pytest.skip("the dashboard is off here (plain `ray` without ray[default]): nothing listens")
-    host, port = url.rsplit(":", 1)
-    assert host == "127.0.0.1", url
-    listening = {c.laddr.ip for c in psutil.net_connections(kind="inet")
-                 if c.status == psutil.CONN_LISTEN and c.laddr.port == int(port)}
-    assert listening == {"127.0.0.1"}, listening
+    me = psutil.Process()
+    ours = {me.pid: me.name()} | {p.pid: p.name() for p in me.children(recursive=True)}
+    return [(ours[c.pid], c.laddr.ip, c.laddr.port) for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.pid in ours]
+
+
+def is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
+
+
+def test_local_ray_cluster_listens_on_loopback_only_and_refuses_a_client_without_its_token(ray_cluster):
+    """GCS, raylet, workers, dashboard and agents: a listener on another interface would let anyone
+    who reaches this machine submit work to the cluster, which means running code."""
+    import ray
+
+    listeners = cluster_listeners()
+    names = {name for name, _, _ in listeners}
+    assert {"gcs_server", "raylet"} <= names, listeners  # the cluster's own services were found
+    assert [entry for entry in listeners if not is_loopback(entry[1])] == []
+    gcs = ray.get_runtime_context().gcs_address
+    assert gcs.startswith("127.0.0.1:"), gcs
+    assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+    # a GCS client on this machine: answered with the cluster's token (the probe works), refused
+    # with a wrong token or none
+    cluster_id = ray._private.worker.global_worker.node.cluster_id.hex()
+    probe = (f"from ray._raylet import GcsClient\n"
+             f"client = GcsClient(address={gcs!r}, cluster_id={cluster_id!r})\n"
+             f"print('ANSWERED', len(client.internal_kv_keys(b'', None, timeout=5)))")
+    outcomes = {}
+    for name, auth in {"the cluster's token": {}, "a wrong token": {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},
+                       "no token": {"RAY_AUTH_MODE": "disabled"}}.items():
+        env = {k: v for k, v in os.environ.items() if not (auth and k.startswith("RAY_AUTH"))} | auth
+        run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        outcomes[name] = "answered" if "ANSWERED" in run.stdout else (
+            "refused" if "InvalidAuthToken" in run.stderr else run.stderr[-300:])
+    assert outcomes == {"the cluster's token": "answered", "a wrong token": "refused", "no token": "refused"}
+
+
+def test_ray_train_ranks_rendezvous_on_loopback_only(ray_cluster, tmp_path):
+    """Ray's own torch backend has rank 0 serve torch.distributed's TCPStore on every interface;
+    the pipeline's trainer (build_trainer) uses the loopback one on the local cluster."""
+    import json
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.loopback_torch import LoopbackTorchConfig
+    from pipeline.ray_train import build_trainer
+
+    spec = crash_run_spec(tmp_path, "rendezvous", max_failures=0)
+    assert isinstance(build_trainer(spec).backend_config, LoopbackTorchConfig)
+    TorchTrainer(record_listeners, train_loop_config={"out": str(tmp_path)},
+                 scaling_config=ray.train.ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                 torch_config=LoopbackTorchConfig(backend="gloo"),
+                 run_config=ray.train.RunConfig(name="rendezvous", storage_path=str(tmp_path / "ray"))).fit()
+    listening = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    assert len(listening[0]) >= 2, listening  # the store and gloo, at least: the probe sees them
+    assert {ip for ips in listening.values() for ip in ips if not is_loopback(ip)} == set(), listening
 
 
 # ---------------------------------------------------------------------------- corrupt inputs
@@ -263,8 +316,8 @@ def test_download_stage_on_a_truncated_file_exits_with_one_line(tmp_path):
     raw = copy_fashion_mnist(tmp_path / "data" / "raw")
     damage(raw / "train-labels-idx1-ubyte.gz", "truncated")
     shutil.copyfile(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
-    (tmp_path / "params.yaml").write_text(f"data:\n  dataset: fashion_mnist\n  root: {tmp_path / 'data' / 'raw'}\n"
-                                          f"  download: false\n")
+    (tmp_path / "params.yaml").write_text(
+        params_text(data={"dataset": "fashion_mnist", "root": str(tmp_path / "data" / "raw"), "download": False}))
     proc = subprocess.run([sys.executable, "-m", "stages.download", "--params", "params.yaml"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1

@@ -153,7 +153,7 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
     from stages import encode as encode_stage
 
     make_imagenet(tmp_path / "datasets")
-    raw = to_dict(Params())
+    raw = to_dict(PipelineParams())
     raw["data"].update(dataset="imagenet", root=str(tmp_path / "datasets"), image_size=16, download=False)
     raw["autoencoder"].update(kind="sd-vae", path=str(sd_vae_dir), subspaces=2, channels=2, downsample=8)
     raw["encode"].update(batch_size=2, shard_size=2)
@@ -175,8 +175,8 @@ def test_autoencoder_and_encode_stages_with_sd_vae(sd_vae_dir, tmp_path, monkeyp
     z, labels = store.load("train", normalized=False)
     assert labels.tolist() == [0, 1, 1] and store.num_examples("test") == 2
     assert len(store.meta["splits"]["train"]["shards"]) == 2  # shard_size 2: shards of 2 and 1
-    codec = load_codec(params_from_dict(raw).autoencoder, "models/autoencoder.pt")
-    first = data.load_split(params_from_dict(raw).data, "train")[0][0]
+    codec = load_codec(params_from_dict(raw, PipelineParams).autoencoder, "models/autoencoder.pt")
+    first = data.load_split(params_from_dict(raw, PipelineParams).data, "train")[0][0]
     torch.testing.assert_close(z[:1], codec.encode(first[None]), rtol=1e-4, atol=1e-5)
 
 
@@ -198,7 +198,7 @@ def test_fid_ref_stage_takes_adm_reference_batch_offline(tmp_path, monkeypatch):
     adm = tmp_path / "VIRTUAL_imagenet512.npz"
     np.savez(adm, arr_0=rng.integers(0, 256, size=(4, 8, 8, 3), dtype=np.uint8), mu=mu, sigma=sigma,
              mu_s=np.zeros(7, np.float32), sigma_s=np.eye(7, dtype=np.float32))
-    raw = to_dict(Params())
+    raw = to_dict(PipelineParams())
     raw["fid"].update(extractor="inception-v3-compat", reference_stats=str(adm))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     monkeypatch.chdir(tmp_path)
@@ -280,7 +280,6 @@ def test_lsun_lmdb_without_the_lmdb_package_says_how_to_fix(tmp_path):
 
 def test_trainer_takes_cluster_storage_and_worker_counts_from_params(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # stage_storage writes its pointer files under results/ray
-    import pipeline.cluster  # noqa: F401 - sets Ray's quiet, local-only environment defaults
     from pipeline.ray_train import build_trainer
     from pipeline.spec import ArtefactPaths, stage_storage, train_spec
 
@@ -492,7 +491,7 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
     from stages import train as train_stage
     from msdm.diffusion_training import LatentInfo, build_model
 
-    raw = to_dict(Params())
+    raw = to_dict(PipelineParams())
     raw["model"].update(preset="vit-tiny")
     raw["weighting"].update(strategy="dysigma")  # learned variance: 2x output channels
     raw["train"].update(batch_size=128)
@@ -503,7 +502,7 @@ def test_dry_run_counts_the_real_model_without_data(tmp_path, monkeypatch, capsy
     assert report["latent_shape"] == [12, 8, 8] and report["tokens"] == 16 and report["learn_sigma"]
 
     torch.manual_seed(0)
-    model = build_model(params_from_dict(raw), LatentInfo(channels=12, size=8, subspaces=3, num_classes=10))
+    model = build_model(params_from_dict(raw, PipelineParams), LatentInfo(channels=12, size=8, subspaces=3, num_classes=10))
     assert report["params_total"] == sum(p.numel() for p in model.parameters())
     counter = FlopCounterMode(display=False)
     # The math SDPA backend runs attention as bmm, which the counter sees; CPU's fused

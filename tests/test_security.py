@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pickle
 import secrets
 import subprocess
@@ -213,10 +214,15 @@ def captured_ray_init(monkeypatch):
     """Replace ray.init with a recorder: checks init_ray's arguments without starting a cluster."""
     import ray
 
+    from ray._private import ray_constants
+
     calls: list[dict] = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # init_ray sets these for the cluster it starts: restored after the test
+    for name in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
     return ray, calls
 
 
@@ -228,6 +234,25 @@ def test_local_cluster_binds_the_dashboard_to_loopback(captured_ray_init, monkey
     init_ray(RayConfig())
     assert len(calls) == 1
     assert calls[0]["include_dashboard"] is True and calls[0]["dashboard_host"] == "127.0.0.1"
+    # every other service too (Ray's single-machine switch), and token auth with a fresh token
+    from ray._private import ray_constants
+
+    assert os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0" and ray_constants.ENABLE_RAY_CLUSTER is False
+    assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) == 64
+
+
+def test_a_user_set_auth_mode_and_a_real_cluster_are_left_alone(captured_ray_init, monkeypatch):
+    from pipeline.cluster import init_ray
+
+    ray, calls = captured_ray_init
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    init_ray(RayConfig())
+    assert os.environ["RAY_AUTH_MODE"] == "disabled" and "RAY_AUTH_TOKEN" not in os.environ
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    init_ray(RayConfig(address="ray://head:10001"))
+    assert calls[-1] == {"address": "ray://head:10001", "log_to_driver": True}
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
 
 
 def test_without_dashboard_packages_the_dashboard_is_off(captured_ray_init, monkeypatch):

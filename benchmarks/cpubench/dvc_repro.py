@@ -20,7 +20,7 @@ TIMEOUT_S = 600
 def makefile_env(ctx: Context) -> dict:
     venv_bin = ctx.repo / ".venv" / "bin"
     return {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", "DVC_NO_ANALYTICS": "1",
-            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
+            "RAY_USAGE_STATS_ENABLED": "0", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _timed(cmd: list[str], ctx: Context) -> tuple[float, subprocess.CompletedProcess]:
