@@ -151,7 +151,7 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
-    from msdm.io import safe_torch_load
+    from msdm.io import DIFFUSION_MODEL_ARTEFACT, load_artefact
     from msdm.latents import LatentStore
     from msdm.diffusion_training import latent_info
 
@@ -169,7 +169,7 @@ def main() -> int:
               "models": {}}
     start = time.perf_counter()
     if a.checkpoint:
-        state = safe_torch_load(ws / a.checkpoint)
+        state = load_artefact(ws / a.checkpoint, DIFFUSION_MODEL_ARTEFACT)
         label = f"{params.weighting.strategy} {params.diffusion.target} step {int(state['step'])}"
         record["models"][label] = study(params, store, info, state["ema"], label, a.samples, ws, a.only)
     for target in a.targets:

@@ -26,7 +26,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from msdm.io import CorruptFileError, atomic_torch_save, safe_torch_load
+from msdm.io import AUTOENCODER_ARTEFACT, CorruptFileError, load_artefact, save_artefact
 from msdm.multispace import MultiSpaceAutoencoder, load_autoencoder
 
 SD_VAE_KIND = "sd-vae"
@@ -187,14 +187,14 @@ def save_sd_vae(codec: SdVaeCodec, path: str | Path) -> None:
     payload = {"format": SD_VAE_FORMAT, "kind": SD_VAE_KIND, "source": codec.source,
                "image_channels": codec.image_channels, "config": _plain_config(codec.vae),
                "state_dict": {k: v.detach().cpu() for k, v in codec.vae.state_dict().items()}}
-    atomic_torch_save(payload, path)
+    save_artefact(payload, path, AUTOENCODER_ARTEFACT)
 
 
 def _load_sd_vae_file(path: str | Path) -> tuple[nn.Module, dict]:
     from diffusers import AutoencoderKL
 
-    payload = safe_torch_load(path)
-    if not isinstance(payload, dict) or "kind" not in payload:
+    payload = load_artefact(path, AUTOENCODER_ARTEFACT)
+    if "kind" not in payload:
         raise CorruptFileError(f"{path}: not an autoencoder checkpoint (no kind)")
     if payload["kind"] != SD_VAE_KIND:
         raise CodecError(f"{path}: holds a {payload['kind']!r} autoencoder, but autoencoder.kind is "

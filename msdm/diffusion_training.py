@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import Params
 from .diffusion import GaussianDiffusion, prediction
 from .diffusion_loss import DiffusionLoss
-from .io import atomic_torch_save, safe_torch_load
+from .io import DIFFUSION_CHECKPOINT_ARTEFACT, load_artefact, save_artefact
 from .models.vit import build_vit
 from .precision import Precision, resolve_precision
 from .weighting import WeightLog, build_strategy
@@ -264,7 +264,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     curve = CurveWriter(curve_path if rank == 0 else None)
     ckpt_dir = hooks.resume_checkpoint()
     if ckpt_dir is not None:
-        state = safe_torch_load(Path(ckpt_dir) / CHECKPOINT_FILE)
+        state = load_artefact(Path(ckpt_dir) / CHECKPOINT_FILE, DIFFUSION_CHECKPOINT_ARTEFACT)
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -343,7 +343,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         with tempfile.TemporaryDirectory(prefix="msdm-ckpt-") as tmp:
             d = Path(tmp)
             if rank == 0:
-                atomic_torch_save(state, d / CHECKPOINT_FILE)
+                save_artefact(state, d / CHECKPOINT_FILE, DIFFUSION_CHECKPOINT_ARTEFACT)
             hooks.report(metrics, d if rank == 0 else None)
 
     bar = None

@@ -3,7 +3,7 @@
 Layout of a store directory (e.g. data/latents/):
 
     meta.json              K, C, h, w, num_classes, autoencoder_kind, per-split {n, shards,
-                           labels}, per-channel mean/std of the train split
+                           labels} with each file's SHA-256, per-channel mean/std of the train split
     {split}-{i:05d}.npy    float32 [n_i, K*C, h, w] shards, in dataset order
     {split}-labels.npy     int64 [n] labels of the whole split
 
@@ -13,7 +13,9 @@ meta.json; `LatentStore.normalize` maps latents to ~zero mean, unit variance per
 The directory is written whole or not at all: `LatentStoreWriter` fills a temporary
 sibling directory and renames it onto the final path when every split is written, so a
 crash never leaves a directory that looks complete. A reader still checks every shard
-against meta.json (size, dtype, shape) and names the file and the fix when one is off.
+against meta.json (content hash, then dtype and shape) and names the file and the fix when
+one is off: a flipped byte in a shard's data area parses as a valid array, so only the hash
+catches it.
 """
 from __future__ import annotations
 
@@ -27,9 +29,9 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from msdm.io import CorruptFileError
+from msdm.io import CorruptFileError, file_sha256
 
-FORMAT_VERSION = 2  # 2: meta.json records the per-channel min/max
+FORMAT_VERSION = 3  # 2: meta.json records the per-channel min/max; 3: and each file's SHA-256
 META_NAME = "meta.json"
 FIX = "Re-encode the dataset into a new store"
 
@@ -143,7 +145,7 @@ class LatentStoreWriter:
             name = shard_name(split, len(shards))
             np.save(self.tmp_dir / name, np.ascontiguousarray(shard, dtype=np.float32))
             _fsync_file(self.tmp_dir / name)
-            shards.append({"file": name, "n": int(rows)})
+            shards.append({"file": name, "n": int(rows), "sha256": file_sha256(self.tmp_dir / name)})
             buffer, buffered = ([rest], len(rest)) if len(rest) else ([], 0)
 
         for batch in latent_batches:
@@ -161,7 +163,8 @@ class LatentStoreWriter:
             raise ValueError(f"{split}: {total} latents but {len(labels)} labels")
         np.save(self.tmp_dir / labels_name(split), labels)
         _fsync_file(self.tmp_dir / labels_name(split))
-        self.splits[split] = {"n": int(total), "shards": shards, "labels": labels_name(split)}
+        self.splits[split] = {"n": int(total), "shards": shards, "labels": labels_name(split),
+                              "labels_sha256": file_sha256(self.tmp_dir / labels_name(split))}
         if moments is not None:
             self.train_moments = moments
 
@@ -304,10 +307,14 @@ class LatentStore:
                                    f"{', '.join(self.meta['splits'])}). {FIX}")
         return self.meta["splits"][split]
 
-    def _open_npy(self, name: str) -> np.ndarray:
+    def _open_npy(self, name: str, sha256: str) -> np.ndarray:
         path = self.directory / name
         if not path.is_file():
             raise LatentStoreError(f"{path}: shard listed in {META_NAME} is missing. {FIX}")
+        # the content first: a flipped byte in the data area still parses as a valid array
+        if file_sha256(path) != sha256:
+            raise LatentStoreError(f"{path}: content does not match the SHA-256 in {META_NAME}; the file was "
+                                   f"damaged or changed after it was written. {FIX}")
         try:
             return np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as e:  # noqa: BLE001 - numpy raises ValueError/OSError/EOFError on bad files
@@ -319,7 +326,7 @@ class LatentStore:
         expected = self.latent_shape
         arrays = []
         for entry in self._split_meta(split)["shards"]:
-            z = self._open_npy(entry["file"])
+            z = self._open_npy(entry["file"], entry.get("sha256", ""))
             if z.dtype != np.float32 or z.shape != (entry["n"], *expected):
                 raise LatentStoreError(
                     f"{self.directory / entry['file']}: holds {z.dtype} {z.shape}, meta.json says float32 "
@@ -329,7 +336,7 @@ class LatentStore:
 
     def labels(self, split: str) -> torch.Tensor:
         info = self._split_meta(split)
-        y = self._open_npy(info["labels"])
+        y = self._open_npy(info["labels"], info.get("labels_sha256", ""))
         if y.dtype != np.int64 or y.shape != (info["n"],):
             raise LatentStoreError(f"{self.directory / info['labels']}: holds {y.dtype} {y.shape}, "
                                    f"meta.json says int64 ({info['n']},). {FIX}")

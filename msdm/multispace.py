@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msdm.io import CorruptFileError, atomic_torch_save, safe_torch_load
+from msdm.io import AUTOENCODER_ARTEFACT, CorruptFileError, load_artefact, save_artefact
 
 CHECKPOINT_FORMAT = 1
 
@@ -270,13 +270,13 @@ def save_autoencoder(model: MultiSpaceAutoencoder, path: str | Path, extra: dict
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if extra:
         payload["extra"] = extra
-    atomic_torch_save(payload, path)
+    save_artefact(payload, path, AUTOENCODER_ARTEFACT)
 
 
 def load_autoencoder(path: str | Path) -> MultiSpaceAutoencoder:
     """Rebuild the model from its stored config and load its weights, in eval mode."""
-    payload = safe_torch_load(path)
-    if not isinstance(payload, dict) or payload.get("kind") != "multispace" or "config" not in payload:
+    payload = load_artefact(path, AUTOENCODER_ARTEFACT)
+    if payload.get("kind") != "multispace" or "config" not in payload:
         raise CorruptFileError(f"{path}: not a multi-space autoencoder checkpoint (no kind/config)")
     if payload.get("format") != CHECKPOINT_FORMAT:
         raise CorruptFileError(f"{path}: checkpoint format {payload.get('format')!r}, expected "

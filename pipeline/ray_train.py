@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 import torch
 
 from msdm.config import to_dict
-from msdm.io import atomic_torch_save, safe_torch_load
+from msdm.io import DIFFUSION_CHECKPOINT_ARTEFACT, DIFFUSION_MODEL_ARTEFACT, load_artefact, save_artefact
 from msdm.diffusion_training import CHECKPOINT_FILE, TrainHooks, DiffusionTrainResult
 
 from .errors import PipelineError
@@ -195,8 +195,8 @@ def export_final_model(spec: RunSpec, checkpoint: ray.train.Checkpoint, out: Pat
     temporary directory (removed afterwards) from remote storage.
     """
     with checkpoint.as_directory() as checkpoint_dir:
-        state = safe_torch_load(Path(checkpoint_dir) / CHECKPOINT_FILE)
+        state = load_artefact(Path(checkpoint_dir) / CHECKPOINT_FILE, DIFFUSION_CHECKPOINT_ARTEFACT)
     meta = json.loads((Path(spec.paths.latents) / "meta.json").read_text())
-    atomic_torch_save({"ema": state["ema"], "step": state["step"], "params": to_dict(spec.params),
-                       "latent_meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},
-                      out)
+    save_artefact({"ema": state["ema"], "step": state["step"], "params": to_dict(spec.params),
+                   "latent_meta_sha256": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()},
+                  out, DIFFUSION_MODEL_ARTEFACT)

@@ -9,7 +9,7 @@ import sys
 
 import torch
 
-from msdm.io import atomic_write_json, safe_torch_load
+from msdm.io import DIFFUSION_MODEL_ARTEFACT, atomic_write_json, load_artefact
 from pipeline.config import PipelineParams
 from stages._cli import progress, require, run_stage
 
@@ -32,7 +32,7 @@ def body(params: PipelineParams, args) -> None:
         require(args.featurenet, "featurenet")
     store = LatentStore(args.latents)
     info = latent_info(store.meta)
-    state = safe_torch_load(args.model)
+    state = load_artefact(args.model, DIFFUSION_MODEL_ARTEFACT)
     torch.manual_seed(params.train.seed)
     untrained = build_model(params, info).backbone.eval()
     model = build_model(params, info).backbone.eval()

@@ -24,10 +24,10 @@ def body(params: PipelineParams, args) -> None:
     cfg = params.featurenet
     if params.fid.extractor != "featurenet":
         # No domain classifier is needed; a marker keeps the declared output (and DVC) consistent.
-        from msdm.io import atomic_torch_save
+        from msdm.io import FEATURENET_ARTEFACT, save_artefact
 
         reason = f"fid.extractor is {params.fid.extractor!r}; no domain classifier trained"
-        atomic_torch_save({"kind": "none", "reason": reason}, args.model)
+        save_artefact({"kind": "none", "reason": reason}, args.model, FEATURENET_ARTEFACT)
         atomic_write_json({"skipped": reason}, args.metrics)
         print(f"featurenet: skipped ({reason})")
         return

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from msdm.latents import LatentStore, LatentStoreError, LatentStoreWriter, shard_name, write_latents
+from msdm.io import file_sha256
+from msdm.latents import LatentStore, LatentStoreError, LatentStoreWriter, labels_name, shard_name, write_latents
 
 K, C, H, W = 3, 2, 4, 4
 
@@ -95,13 +97,41 @@ def test_missing_shard_and_missing_store(store_dir, tmp_path):
         LatentStore(tmp_path / "nowhere")
 
 
+def resave_keeping_hash_valid(out: Path, name: str, array: np.ndarray) -> None:
+    """Replace a shard and its recorded hash: a store whose meta.json matches its files' bytes."""
+    np.save(out / name, array)
+    meta = json.loads((out / "meta.json").read_text())
+    for entry in meta["splits"]["train"]["shards"]:
+        if entry["file"] == name:
+            entry["sha256"] = file_sha256(out / name)
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
 def test_shape_mismatch_against_meta(store_dir):
     out = store_dir[0]
-    np.save(out / shard_name("train", 0), np.zeros((100, K * C, H + 1, W), dtype=np.float32))
+    resave_keeping_hash_valid(out, shard_name("train", 0), np.zeros((100, K * C, H + 1, W), dtype=np.float32))
     with pytest.raises(LatentStoreError, match=r"train-00000\.npy.*meta.json says.*Re-encode the dataset"):
         LatentStore(out).load("train")
-    np.save(out / shard_name("train", 0), np.zeros((100, K * C, H, W), dtype=np.float64))
+    resave_keeping_hash_valid(out, shard_name("train", 0), np.zeros((100, K * C, H, W), dtype=np.float64))
     with pytest.raises(LatentStoreError, match="float64"):
+        LatentStore(out).load("train")
+
+
+@pytest.mark.parametrize("victim", ["shard", "labels"])
+@pytest.mark.parametrize("damage", ["flipped byte", "zeroed tail"])
+def test_a_changed_byte_in_the_data_area_is_refused(store_dir, victim, damage):
+    """A flipped byte, or a zeroed tail, still parses as an array of the right shape: the
+    recorded SHA-256 is what catches it."""
+    out = store_dir[0]
+    path = out / (shard_name("train", 0) if victim == "shard" else labels_name("train"))
+    raw = bytearray(path.read_bytes())
+    if damage == "flipped byte":
+        raw[len(raw) - 7] ^= 0x01  # well past the .npy header
+    else:
+        raw[-64:] = bytes(64)
+    path.write_bytes(bytes(raw))
+    assert np.load(path, allow_pickle=False).shape  # numpy alone takes it
+    with pytest.raises(LatentStoreError, match=rf"{path.name}: content does not match the SHA-256.*Re-encode"):
         LatentStore(out).load("train")
 
 

@@ -16,7 +16,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from msdm import metrics
 from msdm.config import ConfigError
 from msdm.data import ArrayDataset
-from msdm.io import CorruptFileError
+from msdm.io import FEATURENET_ARTEFACT, CorruptFileError, save_artefact
 from msdm.models.featurenet import (FeatureNet, evaluate_accuracy, load_featurenet, save_featurenet,
                                     train_featurenet)
 
@@ -80,7 +80,8 @@ def test_featurenet_save_load_round_trip(trained, tmp_path):
 def test_featurenet_checkpoint_with_wrong_architecture_is_refused(trained, tmp_path):
     other = FeatureNet(1, NUM_CLASSES, feature_dim=16)
     payload_path = tmp_path / "bad.pt"
-    torch.save({"config": trained["model"].config, "state_dict": other.state_dict()}, payload_path)
+    save_artefact({"config": trained["model"].config, "state_dict": other.state_dict()}, payload_path,
+                  FEATURENET_ARTEFACT)
     with pytest.raises(CorruptFileError, match="does not match the architecture"):
         load_featurenet(payload_path)
 

@@ -135,13 +135,14 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(loaded.encode(x), model.encode(x))
     # What is stored is weights_only-safe: plain containers of tensors, ints, strs.
     payload = torch.load(path, weights_only=True)
-    assert set(payload) == {"format", "kind", "config", "state_dict"}
+    assert set(payload) == {"format", "kind", "config", "state_dict", "artefact"}
+    assert payload["artefact"]["kind"] == "autoencoder" and len(payload["artefact"]["sha256"]) == 64
 
 
 def test_load_refuses_foreign_and_truncated_files(tmp_path):
     foreign = tmp_path / "foreign.pt"
     atomic_torch_save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(CorruptFileError, match="foreign.pt: not a multi-space autoencoder checkpoint"):
+    with pytest.raises(CorruptFileError, match="foreign.pt: not a pipeline artefact of kind 'autoencoder'"):
         load_autoencoder(foreign)
     good = tmp_path / "good.pt"
     save_autoencoder(tiny_model(2), good)

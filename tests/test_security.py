@@ -16,7 +16,9 @@ import torch
 
 from msdm.config import replace
 from pipeline.config import PipelineParams, RayConfig
-from msdm.io import CorruptFileError, atomic_write_json, safe_torch_load
+from msdm.io import (AUTOENCODER_ARTEFACT, DIFFUSION_CHECKPOINT_ARTEFACT, DIFFUSION_MODEL_ARTEFACT,
+                     FEATURENET_ARTEFACT, CorruptFileError, atomic_write_json, load_artefact, safe_torch_load,
+                     save_artefact)
 from msdm.latents import LatentStore, LatentStoreWriter, labels_name, shard_name
 from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
 
@@ -306,3 +308,47 @@ def test_secrets_in_the_environment_reach_no_output(tmp_path, monkeypatch, capfd
             assert value.encode() not in path.read_bytes(), path
         assert value not in repr(state)
         assert value not in logs.out and value not in logs.err
+
+
+# ---------------------------------------------------------------------------- artefact records
+
+
+def flip_a_weight_byte(path: Path, weight: torch.Tensor) -> None:
+    """Flip one bit inside the stored bytes of `weight` (found by its content): the zip
+    container and torch.load do not notice."""
+    raw = bytearray(path.read_bytes())
+    at = raw.find(weight.numpy().tobytes()[:64])
+    assert at > 0
+    raw[at + 32] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind", [AUTOENCODER_ARTEFACT, FEATURENET_ARTEFACT, DIFFUSION_CHECKPOINT_ARTEFACT,
+                                  DIFFUSION_MODEL_ARTEFACT])
+def test_a_flipped_byte_in_a_model_or_checkpoint_is_refused(tmp_path, kind):
+    weight = torch.linspace(-1, 1, 4096)
+    path = tmp_path / "artefact.pt"
+    save_artefact({"state_dict": {"w": weight}, "step": 3}, path, kind)
+    assert torch.equal(load_artefact(path, kind)["state_dict"]["w"], weight)
+    flip_a_weight_byte(path, weight)
+    assert not torch.equal(safe_torch_load(path)["state_dict"]["w"], weight)  # torch alone loads it
+    with pytest.raises(CorruptFileError, match=r"artefact.pt: content does not match the SHA-256"):
+        load_artefact(path, kind)
+
+
+def test_a_file_of_another_kind_is_refused_by_name(tmp_path):
+    """models/autoencoder.pt copied over models/diffusion.pt: named, not a KeyError deep inside."""
+    from msdm.models.featurenet import FeatureNet, load_featurenet, save_featurenet
+    from msdm.multispace import load_autoencoder
+
+    featurenet = tmp_path / "featurenet.pt"
+    save_featurenet(FeatureNet(1, 4, feature_dim=8), featurenet)
+    with pytest.raises(CorruptFileError, match=r"featurenet.pt: holds a 'featurenet' artefact, expected 'autoencoder'"):
+        load_autoencoder(featurenet)
+    with pytest.raises(CorruptFileError, match=r"holds a 'featurenet' artefact, expected 'diffusion model'"):
+        load_artefact(featurenet, DIFFUSION_MODEL_ARTEFACT)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"config": {}, "state_dict": {}}, foreign)  # right keys, but no record: not ours
+    with pytest.raises(CorruptFileError, match=r"foreign.pt: not a pipeline artefact of kind 'featurenet'"):
+        load_featurenet(foreign)
+    assert load_featurenet(featurenet).config["feature_dim"] == 8

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from msdm.data import from_uint8
-from msdm.io import CorruptFileError, atomic_torch_save, safe_torch_load
+from msdm.io import FEATURENET_ARTEFACT, CorruptFileError, load_artefact, save_artefact
 from msdm.precision import Precision, as_precision
 
 DEFAULT_WIDTHS = (16, 32, 64)
@@ -172,13 +172,13 @@ def evaluate_accuracy(model: FeatureNet, images_u8: Tensor, labels: Tensor, batc
 
 def save_featurenet(model: FeatureNet, path: str | Path) -> None:
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"config": dict(model.config), "state_dict": state_dict}, path)
+    save_artefact({"config": dict(model.config), "state_dict": state_dict}, path, FEATURENET_ARTEFACT)
 
 
 def load_featurenet(path: str | Path, device: str | torch.device = "cpu") -> FeatureNet:
     """Load a FeatureNet written by `save_featurenet` (weights-only), in eval mode."""
-    payload = safe_torch_load(path)
-    if not (isinstance(payload, dict) and isinstance(payload.get("config"), dict)
+    payload = load_artefact(path, FEATURENET_ARTEFACT)
+    if not (isinstance(payload.get("config"), dict)
             and isinstance(payload.get("state_dict"), dict)):
         raise CorruptFileError(f"{path}: not a FeatureNet checkpoint (expected a dict with 'config' and "
                                f"'state_dict')")
