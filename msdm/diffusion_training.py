@@ -13,7 +13,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .config import Params
 from .diffusion import GaussianDiffusion, prediction
 from .diffusion_loss import DiffusionLoss
-from .io import DIFFUSION_CHECKPOINT_ARTEFACT, load_artefact, save_artefact
+from .io import DIFFUSION_CHECKPOINT_ARTEFACT, CorruptFileError, load_artefact, save_artefact
 from .models.vit import build_vit
 from .precision import Precision, resolve_precision
 from .weighting import WeightLog, build_strategy
@@ -98,14 +98,13 @@ class TrainHooks:
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return model
 
-    def resume_checkpoint(self) -> Path | None:
-        """A directory holding `state.pt` to resume from, or None."""
+    def resume_checkpoints(self) -> list[Path]:
+        """Directories holding `state.pt` to resume from, newest first: the loop takes the first
+        that loads and falls back past a damaged one."""
         if self.resume_dir is None:
-            return None
-        for d in (self.resume_dir, self._previous()):  # .old: a crash between the two renames
-            if (d / CHECKPOINT_FILE).is_file():
-                return d
-        return None
+            return []
+        # .old: a crash between the two renames of `report`
+        return [d for d in (self.resume_dir, self._previous()) if (d / CHECKPOINT_FILE).is_file()]
 
     def _previous(self) -> Path:
         return self.resume_dir.with_name(self.resume_dir.name + ".old")
@@ -151,8 +150,8 @@ class WrappedHooks(TrainHooks):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         return self.inner.wrap_model(model)
 
-    def resume_checkpoint(self) -> Path | None:
-        return self.inner.resume_checkpoint()
+    def resume_checkpoints(self) -> list[Path]:
+        return self.inner.resume_checkpoints()
 
     def report(self, metrics: dict, checkpoint_dir: Path | None) -> None:
         self.inner.report(metrics, checkpoint_dir)
@@ -215,6 +214,23 @@ def _num(v: str) -> Any:
     return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
 
 
+def load_resume_state(candidates: Sequence[Path]) -> dict | None:
+    """The newest of `candidates` (checkpoint directories, newest first) that loads intact.
+
+    A damaged or missing one is passed over with a warning that names it; when none is left the
+    run starts from step 0, and the last warning says so. (Ray Train keeps the checkpoint before
+    the latest, train.checkpoint_every steps earlier: that is what a damaged latest falls back to.)
+    """
+    for i, directory in enumerate(candidates):
+        try:
+            return load_artefact(Path(directory) / CHECKPOINT_FILE, DIFFUSION_CHECKPOINT_ARTEFACT)
+        except (CorruptFileError, FileNotFoundError) as e:
+            then = ("resuming from the checkpoint before it" if i + 1 < len(candidates)
+                    else "no readable checkpoint is left: starting from step 0")
+            warnings.warn(f"{e}; {then}", RuntimeWarning, stacklevel=2)
+    return None
+
+
 def progress_line(name: str, step: int, steps: int, loss: float, done: int, seconds: float) -> str:
     """'train[const] step 300/4000 (7%)  loss 0.412  9.8 steps/s  ETA 6m17s'."""
     rate = done / seconds if seconds > 0 else float("nan")
@@ -262,9 +278,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
 
     step, epoch, pos = 0, 0, 0
     curve = CurveWriter(curve_path if rank == 0 else None)
-    ckpt_dir = hooks.resume_checkpoint()
-    if ckpt_dir is not None:
-        state = load_artefact(Path(ckpt_dir) / CHECKPOINT_FILE, DIFFUSION_CHECKPOINT_ARTEFACT)
+    state = load_resume_state(hooks.resume_checkpoints())
+    if state is not None:
         model.load_state_dict(state["model"])
         ema.model.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
@@ -275,6 +290,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
             gen.set_state(state["rng"][rank])
         torch.set_rng_state(state["torch_rng"])
         curve.load(up_to_step=step)
+    window = state.get("window") if state is not None else None
     ddp_model = hooks.wrap_model(model)
 
     n = latents.shape[0]
@@ -294,6 +310,11 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     mse_sum = torch.zeros(info.subspaces, device=device, dtype=torch.float64)
     window_steps = 0
+    if window is not None:  # the steps since the last logged row: its mean covers them all
+        window_steps = int(window["steps"])
+        loss_sum.copy_(window["loss_sum"])
+        mse_sum.copy_(window["mse_sum"])
+        weight_log.load_state(window["weights"], device)
     skips = 0
     t_start = time.perf_counter()
     start_step = step
@@ -307,6 +328,9 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         return {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler is not None else {}, "step": step, "epoch": epoch,
                 "pos": pos, "rng": rng, "torch_rng": torch.get_rng_state(),
+                # the running sums behind the next logged row, so a resumed run logs the same row
+                "window": {"steps": window_steps, "loss_sum": loss_sum.cpu(), "mse_sum": mse_sum.cpu(),
+                           "weights": weight_log.state()},
                 "params": {"strategy": params.weighting.strategy, "preset": params.model.preset}}
 
     def do_eval() -> dict:

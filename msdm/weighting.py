@@ -227,6 +227,15 @@ class WeightLog:
         self.total.index_add_(0, idx, w)
         self.count.index_add_(0, idx, torch.ones_like(w))
 
+    def state(self) -> dict:
+        """The running sums, for a checkpoint (a resumed run then logs the same means)."""
+        return {"total": None if self.total is None else self.total.cpu(),
+                "count": None if self.count is None else self.count.cpu()}
+
+    def load_state(self, state: dict, device: str | torch.device = "cpu") -> None:
+        self.total = None if state["total"] is None else state["total"].to(device)
+        self.count = None if state["count"] is None else state["count"].to(device)
+
     def means(self) -> list[float]:
         """Mean weight per bucket (NaN for buckets not sampled since the last reset)."""
         if self.total is None:

@@ -56,13 +56,29 @@ class RayTrainHooks(TrainHooks):
             return model
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
-    def resume_checkpoint(self):
+    def resume_checkpoints(self) -> list[Path]:
+        """The run's latest checkpoint, then the older ones Ray keeps (CheckpointConfig
+        num_to_keep), newest first: the loop falls back past a damaged one."""
         import ray.train
 
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        return Path(ckpt.to_directory(self._tmp.name))
+        latest = ray.train.get_checkpoint()
+        if latest is None:
+            return []
+        found = [latest]
+        try:
+            reported = ray.train.get_all_reported_checkpoints()
+        except Exception:  # noqa: BLE001 - no history to offer (e.g. none reported yet): the latest only
+            reported = []
+        older = [r for r in reported if r.checkpoint.path != latest.path]
+        found += [r.checkpoint for r in sorted(older, key=lambda r: -int((r.metrics or {}).get("step", -1)))]
+        return [self._readable(c) for c in found]
+
+    def _readable(self, checkpoint) -> Path:
+        """On local storage the checkpoint is read where Ray keeps it, so an error names that
+        path; from remote storage it is downloaded first."""
+        if getattr(checkpoint.filesystem, "type_name", "") == "local":
+            return Path(checkpoint.path)
+        return Path(checkpoint.to_directory(tempfile.mkdtemp(dir=self._tmp.name)))
 
     def report(self, metrics, checkpoint_dir):
         import ray.train

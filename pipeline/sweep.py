@@ -10,6 +10,8 @@ storage), and a finished trial is not run again.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import pandas as pd
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from msdm.config import to_dict
-from msdm.io import atomic_path
+from msdm.io import atomic_path, atomic_write_json
 
 from .errors import PipelineError
 from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec
@@ -57,15 +59,50 @@ def trial_specs(spec: RunSpec, out_dir: Path, runs: str) -> list[RunSpec]:
             for strategy in s.strategies for target in s.targets for seed in s.seeds]
 
 
-def _trial(config: dict, worker_hooks=None) -> None:
-    """Tune function trainable: build and fit this trial's TorchTrainer."""
+FINISHED_FILE = "finished.json"  # in a trial's folder: the Train run that completed there, and its last metrics
+
+
+def run_identity(spec: RunSpec) -> str:
+    """A hash of everything that defines a trial's run (params, paths, resources)."""
+    return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
+
+
+def finished_earlier(path: Path, spec: RunSpec) -> dict | None:
+    """The last metrics of this trial's run if it completed before (the record carries the
+    run's identity: a changed trial does not match), else None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if (not isinstance(record, dict) or record.get("run") != run_identity(spec)
+            or not isinstance(record.get("metrics"), dict)):
+        return None
+    return {**record["metrics"], "seconds": record.get("seconds")}
+
+
+def _trial(config: dict, worker_hooks=None) -> dict | None:
+    """Tune function trainable: build and fit this trial's TorchTrainer.
+
+    A trial whose run completed before (the sweep was killed before Tune recorded it as done)
+    is not trained again: its curve is in its folder, and its last metrics go to Tune as the
+    trial's result.
+    """
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from .ray_train import fit
 
     spec = one_trial(RunSpec.from_dict(config["spec"]), Path(config["out_dir"]), config["runs"], config["strategy"],
                      config["target"], config["seed"])
-    fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks)
+    record = trial_dir(Path(config["out_dir"]), config["strategy"], config["target"], config["seed"]) / FINISHED_FILE
+    earlier = finished_earlier(record, spec)
+    if earlier is not None:
+        print(f"sweep: {spec.name} completed before the interruption; kept, not trained again")
+        return {**earlier, "finished_earlier": True}
+    start = time.perf_counter()
+    summary = fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks)
+    atomic_write_json({"run": run_identity(spec), "name": spec.name, "metrics": summary.metrics,
+                       "seconds": round(time.perf_counter() - start, 1)}, record)
+    return None
 
 
 def trials_that_fit(per_trial: dict[str, float]) -> int:
@@ -170,7 +207,9 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         rows.append({"strategy": strategy, "target": target, "seed": seed, "status": "ok",
                      "final_fid": float(last.get("fid", float("nan"))), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
-                     "seconds": round(float(reported.get("time_total_s", float("nan"))), 1),
+                     # a trial kept from before an interruption: the time its run took then
+                     "seconds": round(float(reported["seconds"] if reported.get("finished_earlier")
+                                            else reported.get("time_total_s", float("nan"))), 1),
                      "world_size": int(reported.get("world_size", 0)),
                      # where the last attempt picked the run up (0: it ran straight through)
                      "resumed_from_step": int(reported.get("resumed_from_step", 0)),

@@ -380,7 +380,7 @@ def report_args(root: Path) -> list[str]:
     return ["--params", str(root / "params.yaml"), "--sweep-dir", str(root / "sweep"),
             "--metrics", str(root / "metrics/speedup.json"), "--report", str(root / "report/speedup.json"),
             "--table", str(root / "report/speedup.csv"), "--plots-dir", str(root / "plots"),
-            "--page", str(root / "results.md")]
+            "--page", str(root / "results.md"), "--plot-data", str(root / "report/plots")]
 
 
 def numbers_only(value) -> bool:

@@ -180,6 +180,29 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
 
 @pytest.mark.slow
 @RAY_GROUP
+def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster, tmp_path):
+    """Ray Train keeps two checkpoints: with the latest (step 8) damaged, a rerun of the run with
+    more steps resumes from step 4, not from a dead end and not from scratch."""
+    from dataclasses import replace as with_fields
+
+    from pipeline.ray_train import fit
+
+    spec = crash_run_spec(tmp_path, "fallback", max_failures=0)
+    fit(spec)
+    run_storage = tmp_path / "ray" / "train" / "fallback"
+    saved = {int(safe_torch_load(c)["step"]): c for c in run_storage.rglob(CHECKPOINT_FILE)}
+    assert sorted(saved) == [4, 8]
+    raw = bytearray(saved[8].read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    saved[8].write_bytes(bytes(raw))
+    longer = with_fields(spec, params=update(spec.params, {"train": {"steps": 12}}))
+    summary = fit(longer)
+    assert summary.metrics["step"] == 12 and summary.metrics["resumed_from_step"] == 4
+    assert curve_steps(tmp_path / "curve.csv") == [2, 4, 6, 8, 10, 12]
+
+
+@pytest.mark.slow
+@RAY_GROUP
 def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_path):
     from pipeline.errors import PipelineError
     from pipeline.spec import ArtefactPaths, train_spec
@@ -495,3 +518,36 @@ def test_same_run_in_two_processes_gives_identical_curves():
     assert [r["step"] for r in curves[0]] == [3, 6, 9, 12]
     assert curves[0] == curves[1]  # bit-identical, not approximately equal
     assert json.loads(json.dumps(tiny_run_curve())) == curves[0]  # and the same as in this process
+
+
+def test_a_trial_that_completed_before_an_interruption_is_not_trained_again(tmp_path, monkeypatch):
+    """Killed after a trial's run completed but before Tune recorded it, a restored sweep
+    starts the trial again: it reports the kept result instead of fitting, unless the
+    trial's params changed (its run name is a hash of them)."""
+    import pipeline.ray_train
+    from pipeline.ray_train import RunSummary
+    from pipeline.spec import ArtefactPaths, train_spec
+    from pipeline.sweep import FINISHED_FILE, _trial, trial_dir
+
+    fits = []
+
+    def fake_fit(spec, **kw):
+        fits.append(spec.name)
+        return RunSummary(metrics={"step": spec.params.train.steps, "fid": 42.0, "world_size": 1}, checkpoint=None)
+
+    monkeypatch.setattr(pipeline.ray_train, "fit", fake_fit)
+    monkeypatch.setattr("ray.tune.integration.ray_train.TuneReportCallback", lambda: None)  # no Tune session here
+    store = write_tiny_store(tmp_path / "latents")
+    p = update(tiny_params(), {"sweep": {"strategies": ["const"], "targets": ["x0"], "seeds": [0], "steps": 4,
+                                         "eval_every": 2}})
+    spec = train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray"))
+    config = {"spec": spec.to_dict(), "out_dir": str(tmp_path / "sweep"), "runs": str(tmp_path / "ray" / "runs"),
+              "strategy": "const", "target": "x0", "seed": 0}
+    assert _trial(config) is None and len(fits) == 1  # trained, and the completion recorded
+    assert (trial_dir(tmp_path / "sweep", "const", "x0", 0) / FINISHED_FILE).is_file()
+    kept = _trial(config)  # the restored sweep runs the trial again
+    assert len(fits) == 1 and kept["finished_earlier"] is True
+    assert kept["fid"] == 42.0 and kept["step"] == 4 and kept["seconds"] >= 0
+    longer = update(p, {"sweep": {"steps": 6}})  # another trial: trained
+    config["spec"] = train_spec(longer, ArtefactPaths(latents=str(store)), str(tmp_path / "ray")).to_dict()
+    assert _trial(config) is None and len(fits) == 2

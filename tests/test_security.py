@@ -58,14 +58,18 @@ def load_with_safe_torch_load(path: Path) -> None:
 
 
 def resume_training_from(path: Path) -> None:
-    """The train loop's resume path (Ray's hooks hand it the same directory layout)."""
+    """The train loop's resume path (Ray's hooks hand it the same directory layout). A refused
+    checkpoint is passed over with a warning and the run starts from step 0; the warning's
+    text is raised here so the test reads the loop's reason."""
     ckpt_dir = path.parent / "resume"
     ckpt_dir.mkdir()
     path.rename(ckpt_dir / CHECKPOINT_FILE)
     g = torch.Generator().manual_seed(0)
-    train_loop(tiny_params(), torch.randn(16, 6, 4, 4, generator=g), torch.zeros(16, dtype=torch.long),
-               LatentInfo(channels=6, size=4, subspaces=3, num_classes=4), hooks=TrainHooks(resume_dir=ckpt_dir),
-               curve_path=path.parent / "curve.csv", progress=False)
+    with pytest.warns(RuntimeWarning, match="starting from step 0") as warned:
+        train_loop(tiny_params(), torch.randn(16, 6, 4, 4, generator=g), torch.zeros(16, dtype=torch.long),
+                   LatentInfo(channels=6, size=4, subspaces=3, num_classes=4), hooks=TrainHooks(resume_dir=ckpt_dir),
+                   curve_path=path.parent / "fresh-run" / "curve.csv", progress=False)
+    raise CorruptFileError(str(warned[0].message))
 
 
 def load_autoencoder_from(path: Path) -> None:

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from msdm.config import Params, replace
-from msdm.io import CorruptFileError
 from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, NonFiniteLossError, TrainHooks, train_loop
 
 from fault_hooks import NaNLossHooks
@@ -96,12 +96,75 @@ def test_too_many_nans_stop_with_last_good_checkpoint(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
-def test_corrupt_checkpoint_is_refused_by_name(data, tmp_path):
+class KeepEveryCheckpoint(TrainHooks):
+    """Local hooks that keep each checkpoint in its own directory, as Ray Train keeps several."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def resume_checkpoints(self) -> list[Path]:
+        return sorted(self.root.glob("step-*"), key=lambda d: -int(d.name.split("-")[1]))
+
+    def report(self, metrics, checkpoint_dir):
+        if checkpoint_dir is not None:
+            shutil.copytree(checkpoint_dir, self.root / f"step-{metrics['step']}", dirs_exist_ok=True)
+
+
+class StopAt(KeepEveryCheckpoint):
+    def __init__(self, root: Path, step: int):
+        super().__init__(root)
+        self.stop = step
+
+    def on_step(self, step: int) -> None:
+        if step == self.stop:
+            raise KeyboardInterrupt(f"stopped at step {step}")
+
+
+def loop(params, data, hooks, curve: Path):
+    lat, lab = data
+    return train_loop(params, lat, lab, INFO, hooks=hooks, evaluate=fake_eval, curve_path=curve, progress=False)
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(data, tmp_path):
+    params = replace(tiny_params(checkpoint_every=4), "eval", every=4)
+    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight.csv")
+    with pytest.raises(KeyboardInterrupt):
+        loop(params, data, StopAt(tmp_path / "ckpts", step=10), tmp_path / "resumed.csv")
+    damaged = tmp_path / "ckpts" / "step-8" / CHECKPOINT_FILE
+    raw = bytearray(damaged.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    damaged.write_bytes(bytes(raw))
+    with pytest.warns(RuntimeWarning, match=rf"{damaged}: .*; resuming from the checkpoint before it"):
+        resumed = loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed.csv")
+    assert [r["step"] for r in read_curve(tmp_path / "resumed.csv")] == ["4", "8", "12"]
+    assert resumed.curve[-1]["fid"] == pytest.approx(straight.curve[-1]["fid"], rel=1e-6)
+
+
+def test_with_no_readable_checkpoint_left_the_run_starts_over_and_says_so(data, tmp_path):
     run(tiny_params(steps=6), data, tmp_path, "bad")
     ckpt = tmp_path / "bad-ckpt" / CHECKPOINT_FILE
     ckpt.write_bytes(ckpt.read_bytes()[:100])
-    with pytest.raises(CorruptFileError, match=str(ckpt)):
-        run(tiny_params(), data, tmp_path, "bad")
+    with pytest.warns(RuntimeWarning, match=rf"{ckpt}: .*no readable checkpoint is left: starting from step 0"):
+        resumed = run(tiny_params(), data, tmp_path, "bad")
+    straight = run(tiny_params(), data, tmp_path, "straight")
+    assert [r["step"] for r in resumed.curve] == [3, 6, 9, 12]
+    assert resumed.curve[-1]["fid"] == pytest.approx(straight.curve[-1]["fid"], rel=1e-6)
+
+
+def test_rows_after_a_resume_equal_the_uninterrupted_run_between_checkpoint_and_eval(data, tmp_path):
+    """Checkpoints (every 5) fall between evaluations (every 3): the row after the resume
+    averages the same steps as the uninterrupted run's, because the running sums are saved."""
+    params = replace(tiny_params(checkpoint_every=5), "eval", every=3)
+    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight.csv")
+    with pytest.raises(KeyboardInterrupt):
+        loop(params, data, StopAt(tmp_path / "ckpts", step=7), tmp_path / "resumed.csv")
+    loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed.csv")
+    resumed = read_curve(tmp_path / "resumed.csv")
+    assert [r["step"] for r in resumed] == ["3", "6", "9", "12"]
+    for want, got in zip(straight.curve, resumed):
+        for key in ("loss", "mse_space0", "mse_space2", "mean_weight", "fid"):
+            assert float(got[key]) == pytest.approx(want[key], rel=1e-6), (want["step"], key)
 
 
 def test_without_a_terminal_the_loop_logs_a_progress_line_every_log_every_steps(data, capsys):
