@@ -15,9 +15,12 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from msdm.config import to_dict
-from msdm.io import DIFFUSION_CHECKPOINT_ARTEFACT, DIFFUSION_MODEL_ARTEFACT, load_artefact, save_artefact
-from msdm.diffusion_training import CHECKPOINT_FILE, TrainHooks, DiffusionTrainResult
+from msdm.codec import CodecError
+from msdm.config import ConfigError, to_dict
+from msdm.data import DatasetError
+from msdm.io import (DIFFUSION_CHECKPOINT_ARTEFACT, DIFFUSION_MODEL_ARTEFACT, CorruptFileError, load_artefact,
+                     save_artefact)
+from msdm.diffusion_training import CHECKPOINT_FILE, DiffusionTrainResult, NonFiniteLossError, TrainHooks
 
 from .errors import PipelineError
 from .spec import RunSpec
@@ -30,6 +33,11 @@ if TYPE_CHECKING:
 
 class TrainingFailedError(PipelineError):
     pass
+
+
+# Errors a restart cannot fix: the same params and files fail the same way on every attempt.
+INPUT_ERRORS = (ConfigError, CorruptFileError, FileNotFoundError, DatasetError, CodecError, NonFiniteLossError)
+INPUT_ERROR_FILE = "input_error.json"  # in the checkpoint by which a single-worker run hands its input error to fit()
 
 
 @dataclass
@@ -71,7 +79,9 @@ class RayTrainHooks(TrainHooks):
             reported = []
         older = [r for r in reported if r.checkpoint.path != latest.path]
         found += [r.checkpoint for r in sorted(older, key=lambda r: -int((r.metrics or {}).get("step", -1)))]
-        return [self._readable(c) for c in found]
+        readable = [self._readable(c) for c in found]
+        # a run stopped by a bad input left a record, not a state: nothing to resume from there
+        return [d for d in readable if not (d / INPUT_ERROR_FILE).is_file()]
 
     def _readable(self, checkpoint) -> Path:
         """On local storage the checkpoint is read where Ray keeps it, so an error names that
@@ -128,6 +138,17 @@ def _train_fn(config: dict) -> None:
     try:
         run_worker(spec, hooks, progress=config["progress"], tracker=tracker)
         failed = False
+    except INPUT_ERRORS as e:
+        if hooks.world_size > 1:  # the other ranks may be inside a collective: only Ray can stop them
+            raise
+        # a bad input fails the same way on every attempt: end the run now with the reason,
+        # instead of train.max_failures restarts, each printing a traceback. Ray Train hands a
+        # run's result to the driver only with a checkpoint, so the reason travels in one.
+        import ray.train
+
+        with tempfile.TemporaryDirectory(prefix="msdm-input-error-") as tmp:
+            (Path(tmp) / INPUT_ERROR_FILE).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
+            ray.train.report({"step": -1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     finally:
         tracker.finish(failed=failed)
 
@@ -189,6 +210,12 @@ def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
         raise TrainingFailedError(f"training run {spec.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise TrainingFailedError(f"training run {spec.name} reported no checkpoint")
+    with result.checkpoint.as_directory() as checkpoint_dir:
+        error_file = Path(checkpoint_dir) / INPUT_ERROR_FILE
+        input_error = json.loads(error_file.read_text())["error"] if error_file.is_file() else None
+    if input_error is not None:
+        raise TrainingFailedError(f"training run {spec.name} stopped: {input_error} (not retried: a restart would "
+                                  f"fail the same way)")
     return RunSummary(metrics=dict(result.metrics or {}), checkpoint=result.checkpoint)
 
 

@@ -121,8 +121,11 @@ def run_stage(name: str, body: Callable[[PipelineParams, argparse.Namespace], No
     except ARTEFACT_ERRORS as e:
         print(f"{name}: error: {e}{remake_hint(str(e))}", file=sys.stderr)
         return 1
-    except (ConfigError, PipelineError) as e:
+    except ConfigError as e:
         print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    except PipelineError as e:  # a failed run may name a damaged input: say which stage remakes it
+        print(f"{name}: error: {e}{remake_hint(str(e))}", file=sys.stderr)
         return 1
     print(f"{name}: done in {time.perf_counter() - start:.1f}s")
     return 0

@@ -89,3 +89,15 @@ def record_listeners(config: dict) -> None:
     listening = [c.laddr.ip for c in psutil.Process().net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
     Path(config["out"], f"rank{rank}.json").write_text(json.dumps(listening))
     dist.barrier()
+
+
+@dataclass(frozen=True)
+class CountAttempts:
+    """worker_hooks: appends a line to `path` each time a worker group starts the run."""
+
+    path: Path
+
+    def __call__(self, hooks: TrainHooks, spec) -> TrainHooks:
+        with open(self.path, "a") as fh:
+            fh.write(f"{spec.name}\n")
+        return hooks

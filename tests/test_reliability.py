@@ -29,7 +29,7 @@ from msdm.latents import LatentStoreError, LatentStoreWriter, shard_name
 from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, TrainHooks, train_loop
 
 from e2e import params_text
-from fault_hooks import CrashOnce, FailRuns, record_listeners
+from fault_hooks import CountAttempts, CrashOnce, FailRuns, record_listeners
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -383,6 +383,25 @@ def test_training_refuses_a_truncated_latent_shard_before_any_compute(tmp_path):
         run_worker(RunSpec(tiny_params(), ArtefactPaths(latents=str(store), curve=str(curve)), name="t", storage=""),
                    TrainHooks(resume_dir=tmp_path / "ckpt"), progress=False)
     assert not curve.exists() and not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.slow
+@RAY_GROUP
+def test_a_damaged_input_stops_a_ray_run_at_once_without_retries(ray_cluster, tmp_path):
+    """A corrupt shard fails every attempt the same way: one clear error, no train.max_failures
+    restarts (each used to print a traceback), and the advice is the stage that remakes it."""
+    from pipeline.ray_train import TrainingFailedError, fit
+
+    spec = crash_run_spec(tmp_path, "bad-input", max_failures=2)
+    shard = Path(spec.paths.latents) / shard_name("train", 1)
+    shard.write_bytes(shard.read_bytes()[:300])
+    attempts = tmp_path / "attempts.txt"
+    with pytest.raises(TrainingFailedError) as err:
+        fit(spec, worker_hooks=CountAttempts(attempts))
+    message = str(err.value)
+    assert attempts.read_text().splitlines() == ["bad-input"]  # one attempt, no restart
+    assert message.startswith("training run bad-input stopped: LatentStoreError: ") and str(shard) in message
+    assert "not retried" in message and "max_failures" not in message and "\n" not in message
 
 
 # ---------------------------------------------------------------------------- interrupted writes
