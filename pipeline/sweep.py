@@ -80,6 +80,13 @@ def finished_earlier(path: Path, spec: RunSpec) -> dict | None:
     return {**record["metrics"], "seconds": record.get("seconds")}
 
 
+def run_seconds(record: Path, fallback: float) -> float:
+    try:
+        return round(float(json.loads(record.read_text())["seconds"]), 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return round(float(fallback), 1)
+
+
 def _trial(config: dict, worker_hooks=None) -> dict | None:
     """Tune function trainable: build and fit this trial's TorchTrainer.
 
@@ -207,9 +214,10 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         rows.append({"strategy": strategy, "target": target, "seed": seed, "status": "ok",
                      "final_fid": float(last.get("fid", float("nan"))), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
-                     # a trial kept from before an interruption: the time its run took then
-                     "seconds": round(float(reported["seconds"] if reported.get("finished_earlier")
-                                            else reported.get("time_total_s", float("nan"))), 1),
+                     # the run's wall time, from its completion record (also for a trial kept
+                     # from before an interruption)
+                     "seconds": run_seconds(trial_dir(out_dir, strategy, target, seed) / FINISHED_FILE,
+                                            reported.get("time_total_s", float("nan"))),
                      "world_size": int(reported.get("world_size", 0)),
                      # where the last attempt picked the run up (0: it ran straight through)
                      "resumed_from_step": int(reported.get("resumed_from_step", 0)),

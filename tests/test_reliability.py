@@ -120,7 +120,8 @@ RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this modul
 @RAY_GROUP
 def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_checkpoint(ray_cluster, tmp_path):
     """A real Tune sweep of 2 trials, each a TorchTrainer with 2 CPU workers (DDP over gloo); in
-    the first trial to reach step 6, rank 0 dies, and Ray Train restarts the group from step 4."""
+    the first trial to reach step 6, rank 0 dies, and Ray Train restarts the group from step 4.
+    Then the sweep runs again as after a kill that lost Tune's record: no trial trains again."""
     from pipeline.spec import ArtefactPaths, train_spec
     from pipeline.sweep import run_sweep
 
@@ -129,8 +130,8 @@ def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_check
     p = update(tiny_params(max_failures=1), {
         "sweep": {"strategies": ["const", "learned"], "targets": ["x0"], "seeds": [0], "steps": 8, "eval_every": 2,
                   "num_workers": 2, "cpus_per_worker": 1}})
-    out = run_sweep(train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep")),
-                    tmp_path / "sweep", worker_hooks=crash)
+    spec = train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep"))
+    out = run_sweep(spec, tmp_path / "sweep", worker_hooks=crash)
 
     assert crash.marker.read_text() == f"crashed at step {CRASH_STEP} on rank {CRASH_RANK}\n"  # the fault did happen
     with open(out.trials, newline="") as fh:
@@ -155,6 +156,18 @@ def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_check
         assert all(torch.isfinite(v).all() for v in state["ema"].values() if v.is_floating_point())
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET.encode() in p.read_bytes()]
+
+    # Killed after both runs completed but before Tune recorded it (here: Tune's experiment
+    # state is gone): the sweep starts both trials again, and each reports the result kept in
+    # its folder instead of training. No Ray Train run starts, so no checkpoint is added.
+    checkpoints = sorted(str(c) for c in (tmp_path / "ray" / "sweep").rglob(CHECKPOINT_FILE))
+    curves, trials_before = out.curves.read_text(), out.trials.read_text()
+    tune_state = [d for d in (tmp_path / "ray" / "sweep").glob("sweep-*") if not d.name.endswith("-runs")]
+    assert len(tune_state) == 1
+    shutil.rmtree(tune_state[0])
+    again = run_sweep(spec, tmp_path / "sweep")
+    assert sorted(str(c) for c in (tmp_path / "ray" / "sweep").rglob(CHECKPOINT_FILE)) == checkpoints
+    assert again.curves.read_text() == curves and again.trials.read_text() == trials_before
 
 
 @pytest.mark.slow
