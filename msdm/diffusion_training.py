@@ -6,7 +6,6 @@ and hands back the checkpoint to resume from.
 """
 from __future__ import annotations
 
-import csv
 import math
 import os
 import time
@@ -175,43 +174,25 @@ class DiffusionTrainResult:
     precision: Precision | None = None
 
 
-class CurveWriter:
-    """The FID-vs-step curve as CSV, rewritten atomically; rows past a resume point dropped."""
+class CurveLog:
+    """Where rank 0's logged rows go (one per `eval.every` steps, and the last step).
 
-    def __init__(self, path: Path | None):
-        self.path = path
+    This base keeps them in memory; the pipeline logs them with DVCLive (`pipeline.live`).
+    `start` is called once, after the loop knows whether it resumes: a resumed run's rows after
+    its checkpoint's step are dropped, so they are logged again, never twice.
+    """
+
+    def __init__(self):
         self.rows: list[dict] = []
 
-    def load(self, up_to_step: int) -> None:
-        if self.path is None or not self.path.is_file():
-            return
-        with open(self.path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
-        self.rows = [{k: _num(v) for k, v in r.items()} for r in rows if int(float(r["step"])) <= up_to_step]
-        self._write()
+    def start(self, resumed_step: int | None) -> None:
+        self.rows = [] if resumed_step is None else [r for r in self.rows if r["step"] <= resumed_step]
 
     def append(self, row: dict) -> None:
         self.rows.append(row)
-        self._write()
 
-    def _write(self) -> None:
-        if self.path is None:
-            return
-        from .io import atomic_path
-
-        fields = list(dict.fromkeys(k for r in self.rows for k in r)) or ["step"]
-        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=fields)
-            w.writeheader()
-            w.writerows(self.rows)
-
-
-def _num(v: str) -> Any:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return v
-    return int(f) if f.is_integer() and "." not in v and "e" not in v.lower() else f
+    def close(self) -> None:
+        pass
 
 
 def load_resume_state(candidates: Sequence[Path]) -> dict | None:
@@ -243,13 +224,13 @@ def progress_line(name: str, step: int, steps: int, loss: float, done: int, seco
 def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                hooks: TrainHooks | None = None,
                evaluate: Callable[[nn.Module, int], dict] | None = None,
-               curve_path: Path | None = None, progress: bool = True) -> DiffusionTrainResult:
+               curve: CurveLog | None = None, progress: bool = True) -> DiffusionTrainResult:
     """Train the diffusion model on normalised latents [N, K*C, h, w] with labels [N].
 
     `evaluate(ema_backbone, step)` returns a dict with at least `fid`; it is called on rank 0
     every `eval.every` steps and at the end. Checkpoints are reported every
     `train.checkpoint_every` steps and at the end. Everything else comes from `params`:
-    a sweep trial is the same call with other params.
+    a sweep trial is the same call with other params. `curve` receives rank 0's rows.
     """
     hooks = hooks or TrainHooks()
     tc = params.train
@@ -277,7 +258,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
     gen = torch.Generator(device=device).manual_seed(seed * 1000 + rank)
 
     step, epoch, pos = 0, 0, 0
-    curve = CurveWriter(curve_path if rank == 0 else None)
+    curve = curve if curve is not None and rank == 0 else CurveLog()
     state = load_resume_state(hooks.resume_checkpoints())
     if state is not None:
         model.load_state_dict(state["model"])
@@ -289,7 +270,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
         if rank < len(state["rng"]):  # a changed worker count keeps the fresh per-rank seed
             gen.set_state(state["rng"][rank])
         torch.set_rng_state(state["torch_rng"])
-        curve.load(up_to_step=step)
+    curve.start(step if state is not None else None)
     window = state.get("window") if state is not None else None
     ddp_model = hooks.wrap_model(model)
 
@@ -437,6 +418,7 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
             save_and_report()
     if bar is not None:
         bar.close()
+    curve.close()
     if step == start_step:  # resumed a finished run: report its checkpoint again for the caller
         save_and_report()
     seconds = time.perf_counter() - t_start

@@ -16,6 +16,10 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 # Ray Train's controller polls its workers every 2 s by default, and a run's start and end wait
 # for a poll: with 27 short sweep trials that is minutes. A poll is a cheap status call per worker.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train replaces `print` in its workers with one that logs through the root logger and,
+# where stdout is wrapped (as Ray's log forwarding wraps it), prints as well: every progress
+# line reached the console twice. Unpatched, a worker's print is forwarded to the driver once.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 
 def close_local_cluster() -> None:

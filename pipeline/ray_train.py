@@ -25,7 +25,7 @@ from msdm.diffusion_training import CHECKPOINT_FILE, DiffusionTrainResult, NonFi
 from .errors import PipelineError
 from .spec import RunSpec
 from .tracking import DEFAULT_DIR as DEFAULT_TRACKING_DIR
-from .tracking import TrackedHooks, Tracker, build_tracker, check_tracking, tracked_evaluate
+from .tracking import check_tracking, log_row, wandb_run
 
 if TYPE_CHECKING:
     import ray.train
@@ -97,11 +97,11 @@ class RayTrainHooks(TrainHooks):
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True,
-               tracker: Tracker | None = None) -> DiffusionTrainResult:
+def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True, wandb=None) -> DiffusionTrainResult:
     """Load the latents and evaluator the spec names, then run the loop. Ray workers and local runs.
 
-    `tracker` (pipeline.tracking, rank 0): logs each checkpoint report and each evaluation.
+    Rank 0 logs the loop's rows with DVCLive to `spec.paths.live`, and to `wandb` (a W&B run
+    from `pipeline.tracking.wandb_run`) when given.
     """
     from msdm.evaluation import build_evaluator
     from msdm.latents import LatentStore
@@ -115,28 +115,43 @@ def run_worker(spec: RunSpec, hooks: TrainHooks, progress: bool = True,
     if hooks.rank == 0 and paths.fid_ref:
         evaluate = build_evaluator(params, store, autoencoder=paths.autoencoder, featurenet=paths.featurenet,
                                    fid_ref=paths.fid_ref, device=hooks.device, info=info)
-    if tracker is not None and tracker.enabled:
-        hooks = TrackedHooks(hooks, tracker)
-        evaluate = tracked_evaluate(evaluate, tracker) if evaluate is not None else None
-    return train_loop(params, latents, labels, info, hooks=hooks, evaluate=evaluate,
-                      curve_path=Path(paths.curve) if paths.curve else None, progress=progress)
+    curve = None
+    if hooks.rank == 0 and (paths.live or wandb is not None):
+        from .live import DVCLiveCurve
+
+        curve = DVCLiveCurve(paths.live or None, on_row=(lambda row: log_row(wandb, row)) if wandb else None)
+    return train_loop(params, latents, labels, info, hooks=hooks, evaluate=evaluate, curve=curve, progress=progress)
+
+
+def quiet_report_lines() -> None:
+    """Keep Ray Train's 'Reporting training result N: ... Checkpoint(...)' line, one per report,
+    out of the console: it is logged at INFO by a logger named after its source file, which is
+    outside the `ray.train` logger that `LoggingConfig(log_level=...)` sets."""
+    import logging
+
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _train_fn(config: dict) -> None:
     """Ray Train's per-worker entry point."""
     from .cluster import assigned_cpu_threads
 
+    quiet_report_lines()
     torch.set_num_threads(assigned_cpu_threads())  # the CPUs per worker, as Ray assigned them
     spec = RunSpec.from_dict(config["spec"])
     hooks = RayTrainHooks()
     if config["worker_hooks"] is not None:
         hooks = config["worker_hooks"](hooks, spec)
-    tracker = build_tracker(spec.params, rank=hooks.rank, run_name=spec.name,
-                            config={**config["spec"]["params"], "world_size": hooks.world_size},
-                            directory=config["tracking_dir"])
+    wandb = None
+    if config["log_to_wandb"] and hooks.rank == 0:
+        wandb = wandb_run(spec.params, run_name=spec.name,
+                          config={**config["spec"]["params"], "world_size": hooks.world_size},
+                          directory=Path(config["tracking_dir"]))
     failed = True
     try:
-        run_worker(spec, hooks, progress=config["progress"], tracker=tracker)
+        run_worker(spec, hooks, progress=config["progress"], wandb=wandb)
         failed = False
     except INPUT_ERRORS as e:
         if hooks.world_size > 1:  # the other ranks may be inside a collective: only Ray can stop them
@@ -150,16 +165,18 @@ def _train_fn(config: dict) -> None:
             (Path(tmp) / INPUT_ERROR_FILE).write_text(json.dumps({"error": f"{type(e).__name__}: {e}"}))
             ray.train.report({"step": -1}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
     finally:
-        tracker.finish(failed=failed)
+        if wandb is not None:
+            wandb.finish(exit_code=1 if failed else 0)
 
 
 WorkerHooks = Callable[[TrainHooks, RunSpec], TrainHooks]
 
 
 def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
-                  worker_hooks: WorkerHooks | None = None):
+                  worker_hooks: WorkerHooks | None = None, log_to_wandb: bool = True):
     """The spec's TorchTrainer. `worker_hooks(hooks, spec)`, if given, wraps each worker's hooks
-    (it is pickled to the workers): the seam through which the tests inject faults."""
+    (it is pickled to the workers): the seam through which the tests inject faults.
+    `log_to_wandb=False` keeps rank 0 from opening a W&B run where Tune logs the run instead."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -172,7 +189,8 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
         _train_fn,
         # absolute: Ray workers do not run in the repository directory
         train_loop_config={"spec": spec.to_dict(), "progress": progress,
-                           "tracking_dir": str(DEFAULT_TRACKING_DIR.resolve()), "worker_hooks": worker_hooks},
+                           "tracking_dir": str(DEFAULT_TRACKING_DIR.resolve()), "worker_hooks": worker_hooks,
+                           "log_to_wandb": log_to_wandb},
         scaling_config=ray.train.ScalingConfig(
             num_workers=res.num_workers, use_gpu=res.use_gpu,
             resources_per_worker={"CPU": res.cpus_per_worker, **({"GPU": 1} if res.use_gpu else {})},
@@ -193,11 +211,12 @@ def build_trainer(spec: RunSpec, *, progress: bool = True, callbacks: Sequence =
 
 
 def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
-        worker_hooks: WorkerHooks | None = None) -> RunSummary:
+        worker_hooks: WorkerHooks | None = None, log_to_wandb: bool = True) -> RunSummary:
     """Run (or resume) the spec's training to the end."""
     import ray.train
 
-    trainer = build_trainer(spec, progress=progress, callbacks=callbacks, worker_hooks=worker_hooks)
+    trainer = build_trainer(spec, progress=progress, callbacks=callbacks, worker_hooks=worker_hooks,
+                            log_to_wandb=log_to_wandb)
     where = f"{spec.storage}/{spec.name}"
     try:
         result = trainer.fit()

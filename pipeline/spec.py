@@ -20,13 +20,13 @@ from .config import PipelineParams, params_from_dict
 
 @dataclass(frozen=True)
 class ArtefactPaths:
-    """What a run reads (and the curve it writes). Absolute: Ray workers do not run in the repo."""
+    """What a run reads (and where it logs its curve). Absolute: Ray workers do not run in the repo."""
 
     latents: str
     autoencoder: str = ""
     featurenet: str = ""
     fid_ref: str = ""  # empty: no FID evaluations during training
-    curve: str = ""  # empty: no curve file
+    live: str = ""  # rank 0's DVCLive directory (pipeline.live); empty: the curve is not written
 
     def resolved(self) -> "ArtefactPaths":
         return ArtefactPaths(**{k: str(Path(v).resolve()) if v else v for k, v in dataclasses.asdict(self).items()})
@@ -97,9 +97,9 @@ FID_REF = Path("results/fid_ref/stats.npz")
 LOCAL_STORAGE = Path("results/ray")  # what dvc.yaml declares as the (persistent) Ray outputs
 
 
-def repo_paths(*, curve: Path | str = "") -> ArtefactPaths:
+def repo_paths(*, live: Path | str = "") -> ArtefactPaths:
     return ArtefactPaths(latents=str(LATENTS), autoencoder=str(AUTOENCODER), featurenet=str(FEATURENET),
-                         fid_ref=str(FID_REF), curve=str(curve)).resolved()
+                         fid_ref=str(FID_REF), live=str(live)).resolved()
 
 
 def stage_storage(params: PipelineParams, suffix: str) -> str:
@@ -141,10 +141,10 @@ def trial_params(params: PipelineParams, strategy: str, target: str, seed: int) 
     })
 
 
-def trial_spec(spec: RunSpec, strategy: str, target: str, seed: int, *, curve: str, storage: str) -> RunSpec:
-    """A sweep trial: the train run with `trial_params`, its own curve file, run name and storage."""
+def trial_spec(spec: RunSpec, strategy: str, target: str, seed: int, *, live: str, storage: str) -> RunSpec:
+    """A sweep trial: the train run with `trial_params`, its own DVCLive directory, run name and storage."""
     return dataclasses.replace(spec, params=trial_params(spec.params, strategy, target, seed),
-                               paths=dataclasses.replace(spec.paths, curve=curve),
+                               paths=dataclasses.replace(spec.paths, live=live),
                                name=trial_name(strategy, target, seed), storage=storage)
 
 

@@ -23,6 +23,8 @@ from msdm.config import to_dict
 from msdm.io import atomic_path, atomic_write_json
 
 from .errors import PipelineError
+from .live import read_curve
+from .tracking import check_tracking, sweep_callbacks
 from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec
 
 
@@ -48,8 +50,8 @@ def sweep_name(spec: RunSpec) -> str:
 
 
 def one_trial(spec: RunSpec, out_dir: Path, runs: str, strategy: str, target: str, seed: int) -> RunSpec:
-    curve = trial_dir(out_dir, strategy, target, seed) / "curve.csv"
-    return trial_spec(spec, strategy, target, seed, curve=str(curve), storage=runs)
+    live = trial_dir(out_dir, strategy, target, seed) / "live"
+    return trial_spec(spec, strategy, target, seed, live=str(live), storage=runs)
 
 
 def trial_specs(spec: RunSpec, out_dir: Path, runs: str) -> list[RunSpec]:
@@ -106,7 +108,9 @@ def _trial(config: dict, worker_hooks=None) -> dict | None:
         print(f"sweep: {spec.name} completed before the interruption; kept, not trained again")
         return {**earlier, "finished_earlier": True}
     start = time.perf_counter()
-    summary = fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks)
+    # W&B, when on, logs the trial from Tune (sweep_callbacks), not from its workers
+    summary = fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks,
+                  log_to_wandb=False)
     atomic_write_json({"run": run_identity(spec), "name": spec.name, "metrics": summary.metrics,
                        "seconds": round(time.perf_counter() - start, 1)}, record)
     return None
@@ -161,6 +165,7 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
     """Run (or resume) every trial; `worker_hooks` reaches each trial's workers (see `build_trainer`)."""
     from ray import tune
 
+    check_tracking(spec.params)  # a missing wandb fails here, before Tune starts
     out_dir = out_dir.resolve()
     s = spec.params.sweep
     name = sweep_name(spec)
@@ -186,6 +191,7 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
             # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
             run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=1,
                                       progress_reporter=progress_table(),
+                                      callbacks=sweep_callbacks(spec.params, group=name),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
     grid = tuner.fit()
@@ -203,8 +209,7 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
     for result in grid:
         cfg = result.config
         strategy, target, seed = cfg["strategy"], cfg["target"], cfg["seed"]
-        curve_path = trial_dir(out_dir, strategy, target, seed) / "curve.csv"
-        curve = pd.read_csv(curve_path)
+        curve = pd.DataFrame(read_curve(trial_dir(out_dir, strategy, target, seed) / "live"))
         curve.insert(0, "seed", seed)
         curve.insert(0, "target", target)
         curve.insert(0, "strategy", strategy)

@@ -1,138 +1,98 @@
-"""Optional experiment tracking with Weights & Biases for Ray Train runs: rank 0 only, off by default.
-
-The params section it reads (every field optional here, so code runs before the section
-exists in params.yaml):
+"""Optional Weights & Biases logging through Ray's own integrations; off by default, offline when on.
 
     tracking:
-      wandb: false      # log training metrics to W&B
+      wandb: false      # log to W&B
       project: msdm     # W&B project
       mode: offline     # offline (files only, `wandb sync` later) | online | disabled
 
-wandb is an optional dependency (`pip install wandb==0.31.0`, pyproject extra `wandb`);
-it is imported only when tracking is on, and a missing package is a clear error before
-any compute. Run files go to results/wandb/ (gitignored, so `dvc exp run` never commits
-them). The API key is never read, printed or passed on here: wandb finds it itself
-(WANDB_API_KEY in the environment of the process that logs, or `wandb login`).
+- The `train` stage: rank 0 of its Train run opens the run with Ray Train's `setup_wandb`
+  (`wandb_run`) and logs every row the loop logs (`log_row`): loss, per-subspace MSE, weights, FID.
+- The `sweep`: Tune's `WandbLoggerCallback` (`sweep_callbacks`) logs each trial's reports as
+  one W&B run, grouped by sweep; the trials' workers do not log themselves.
+
+wandb is an optional dependency (`pip install wandb==0.31.0`, pyproject extra `wandb`); it is
+imported only when tracking is on, and a missing package is a clear error before any compute
+(`check_tracking`). Run files go to results/wandb/ (gitignored, so `dvc exp run` never commits
+them). The API key is never read, printed or passed on here: wandb finds it itself.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from msdm.config import ConfigError
-from msdm.diffusion_training import TrainHooks, WrappedHooks
 
 WANDB_REQUIREMENT = "wandb==0.31.0"
-DEFAULT_PROJECT = "msdm"
-DEFAULT_MODE = "offline"
-MODES = ("offline", "online", "disabled")
 DEFAULT_DIR = Path("results/wandb")
 
 
 class TrackingError(ConfigError):
-    """Tracking is switched on but cannot work (package missing, bad mode)."""
+    """Tracking is switched on but cannot work (package missing)."""
 
 
-class Tracker:
-    """The no-op tracker: what every rank but 0, and every run with tracking off, gets."""
-
-    enabled = False
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        pass
-
-    def finish(self, failed: bool = False) -> None:
-        pass
+def enabled(params: Any) -> bool:
+    """Whether `tracking.wandb` is on (library params, which have no tracking section, say no)."""
+    return bool(getattr(getattr(params, "tracking", None), "wandb", False))
 
 
-class WandbTracker(Tracker):
-    """Logs the numeric entries of each metrics dict to one W&B run."""
-
-    enabled = True
-
-    def __init__(self, run: Any):
-        self.run = run
-
-    def log(self, metrics: Mapping[str, Any], step: int) -> None:
-        numbers = {k: float(v) for k, v in metrics.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-        if numbers:
-            self.run.log(numbers, step=int(step))
-
-    def finish(self, failed: bool = False) -> None:
-        self.run.finish(exit_code=1 if failed else 0)
-
-
-def tracking_settings(params: Any) -> tuple[bool, str, str]:
-    """(enabled, project, mode) from `params.tracking`, with the defaults where it is absent."""
-    section = getattr(params, "tracking", None)
-    enabled = bool(getattr(section, "wandb", False))
-    project = str(getattr(section, "project", DEFAULT_PROJECT) or DEFAULT_PROJECT)
-    mode = str(getattr(section, "mode", DEFAULT_MODE))
-    if mode not in MODES:
-        raise TrackingError(f"tracking.mode: got {mode!r}, expected one of {', '.join(map(repr, MODES))}")
-    return enabled, project, mode
-
-
-def import_wandb():
+def check_tracking(params: Any) -> None:
+    """Fail fast (on the driver, before Ray starts anything) when tracking is on but wandb is missing."""
+    if not enabled(params):
+        return
     try:
-        import wandb
+        importlib.import_module("wandb")
     except ImportError:
         raise TrackingError(f"tracking.wandb is true but the wandb package is not installed. Fix: pip install "
                             f"{WANDB_REQUIREMENT} (the project's optional extra: pip install -e '.[wandb]'), "
                             f"or set tracking.wandb: false") from None
-    return wandb
 
 
-def check_tracking(params: Any) -> None:
-    """Fail fast (on the driver, before Ray starts workers) when tracking is on but cannot work."""
-    enabled, _, _ = tracking_settings(params)
-    if enabled:
-        import_wandb()
+def _offline_first(mode: str, directory: Path) -> None:
+    # Ray's integrations ask for an API key unless $WANDB_MODE says offline or disabled; the
+    # run files land in `directory`.
+    os.environ["WANDB_MODE"] = mode
+    os.environ["WANDB_DIR"] = str(directory)
+    directory.mkdir(parents=True, exist_ok=True)
 
 
-def _run_id(run_name: str) -> str:
-    # The run name is stable across restarts (a hash of the run's params), so a worker
-    # restarted by Ray resumes the same W&B run instead of starting a second one.
+def run_id(run_name: str) -> str:
+    """The W&B run id: the Ray run's name (a hash of its params), so a worker that Ray restarts
+    resumes the same W&B run instead of starting a second one."""
     return re.sub(r"[^A-Za-z0-9_-]", "-", run_name)[:64]
 
 
-def build_tracker(params: Any, *, rank: int, run_name: str, config: Mapping | None = None,
-                  directory: str | Path = DEFAULT_DIR) -> Tracker:
-    """A WandbTracker on rank 0 when `tracking.wandb` is true, else the no-op Tracker."""
-    enabled, project, mode = tracking_settings(params)
-    if not enabled or rank != 0:
-        return Tracker()
-    wandb = import_wandb()
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=project, name=run_name or None, id=_run_id(run_name) if run_name else None,
-                     resume="allow", mode=mode, dir=str(directory), config=dict(config or {}),
-                     job_type="train")
-    return WandbTracker(run)
+def wandb_run(params: Any, *, run_name: str, config: dict, directory: Path = DEFAULT_DIR):
+    """Rank 0's W&B run from Ray Train's `setup_wandb` (other ranks get a disabled one), or None
+    when tracking is off. Called inside a Train worker."""
+    if not enabled(params):
+        return None
+    from ray.air.integrations.wandb import setup_wandb
+
+    t = params.tracking
+    _offline_first(t.mode, Path(directory))
+    return setup_wandb(config=config, project=t.project, mode=t.mode, dir=str(directory), name=run_name,
+                       id=run_id(run_name), resume="allow", job_type="train", rank_zero_only=True)
 
 
-class TrackedHooks(WrappedHooks):
-    """TrainHooks that also log every checkpoint-interval report (step, loss, fid) to a tracker."""
-
-    def __init__(self, hooks: TrainHooks, tracker: Tracker):
-        super().__init__(hooks)
-        self.tracker = tracker
-
-    def report(self, metrics: dict, checkpoint_dir) -> None:
-        if self.rank == 0:
-            self.tracker.log(metrics, step=int(metrics["step"]))
-        super().report(metrics, checkpoint_dir)
+def log_row(run, row: dict) -> None:
+    """One logged row of the loop to W&B, at its step: the finite numbers only (strings such as
+    the FID metric's name are in the run's config)."""
+    numbers = {k: float(v) for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+               and not isinstance(v, bool) and math.isfinite(v)}
+    run.log(numbers, step=int(row["step"]))
 
 
-def tracked_evaluate(evaluate: Callable[[Any, int], dict], tracker: Tracker) -> Callable[[Any, int], dict]:
-    """`evaluate` that also logs its result (the FID of every evaluation) at its step."""
+def sweep_callbacks(params: Any, *, group: str, directory: Path = DEFAULT_DIR) -> list:
+    """Tune callbacks for the sweep: Ray Tune's `WandbLoggerCallback` when tracking is on."""
+    if not enabled(params):
+        return []
+    from ray.air.integrations.wandb import WandbLoggerCallback
 
-    def run(model, step: int) -> dict:
-        result = evaluate(model, step)
-        tracker.log(result, step=step)
-        return result
-
-    return run
+    t = params.tracking
+    _offline_first(t.mode, Path(directory))
+    return [WandbLoggerCallback(project=t.project, group=group, mode=t.mode, dir=str(directory),
+                                excludes=["time_this_iter_s", "timestamp"], job_type="sweep-trial")]

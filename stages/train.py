@@ -1,8 +1,9 @@
 """DVC stage `train`: class-conditional multi-space diffusion on the latents, via Ray Train.
 
 Resumes from the last checkpoint when re-run with the same params (the Ray run name is a
-hash of everything that defines the run). Writes the EMA weights (--model), the FID-vs-step
-curve (--curve) and the run's last report (--metrics). `--dry-run [--preset P] [--json]`
+hash of everything that defines the run). Writes the EMA weights (--model), the run's curve
+logged with DVCLive (--live: FID, loss, per-subspace MSE and loss weights vs step) and the
+run's last report (--metrics). `--dry-run [--preset P] [--json]`
 reads no data and writes nothing: it prints the configured model's size and FLOPs
 (pipeline.dry_run). `--preset` merges a configs/*.yaml preset over the params first (dry run
 only: a real run takes its params from params.yaml, through `dvc exp run -S`).
@@ -20,7 +21,7 @@ from pipeline.spec import ArtefactPaths
 from stages._cli import require, run_stage
 
 PATHS = {"latents": "data/latents", "autoencoder": "models/autoencoder.pt", "featurenet": "models/featurenet.pt",
-         "fid_ref": "results/fid_ref/stats.npz", "curve": "results/train/curve.csv",
+         "fid_ref": "results/fid_ref/stats.npz", "live": "results/train/live",
          "model": "models/diffusion.pt", "metrics": "metrics/train.json"}
 
 
@@ -49,7 +50,7 @@ def body(params: PipelineParams, args) -> None:
                         (args.featurenet, "featurenet"), (args.fid_ref, "fid_ref")):
         require(path, stage)
     paths = ArtefactPaths(latents=str(args.latents), autoencoder=str(args.autoencoder),
-                          featurenet=str(args.featurenet), fid_ref=str(args.fid_ref), curve=str(args.curve))
+                          featurenet=str(args.featurenet), fid_ref=str(args.fid_ref), live=str(args.live))
     init_ray(params.ray)
     spec = train_spec(params, paths, stage_storage(params, "train"))
     require_room(spec.resources.per_run(), "train", params.ray)

@@ -96,25 +96,23 @@ def test_steady_state_timing_excludes_warmup():
         timing_from_stamps([(2, 1.0)], warmup=2)
 
 
-def test_curve_poller_reads_steps_from_the_loops_curve_writer(tmp_path):
-    """The Ray benchmark's clock: each atomic rewrite of the curve CSV gives (last step, mtime)."""
+def test_curve_poller_reads_steps_from_the_runs_dvclive_summary(tmp_path):
+    """The Ray benchmark's clock: each rewrite of DVCLive's metrics.json gives (last step, mtime)."""
     import time
 
     from cpubench.ray_train import CurvePoller
-    from msdm.diffusion_training import CurveWriter
+    from pipeline.live import DVCLiveCurve
 
-    path = tmp_path / "curve.csv"
-    poller = CurvePoller(path, interval=0.005)
+    curve = DVCLiveCurve(tmp_path / "live")
+    poller = CurvePoller(tmp_path / "live" / "metrics.json", interval=0.005)
     poller.start()
-    writer = CurveWriter(path)
+    curve.start(None)
     for step in (2, 4, 6):
         time.sleep(0.05)
-        writer.append({"step": step, "loss": 1.0 / step})
+        curve.append({"step": step, "loss": 1.0 / step})
     stamps = poller.stop()
     steps = [s for s, _ in stamps]
     assert steps[-1] == 6 and set(steps) <= {2, 4, 6} and steps == sorted(steps)
-    times = [t for _, t in stamps]
-    assert times == sorted(times) and times[-1] == path.stat().st_mtime_ns / 1e9
 
 
 def test_only_run_keeps_other_sections_of_the_same_machine(tmp_path):

@@ -18,6 +18,7 @@ import yaml
 from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env, kill_marked_processes, marked_processes, process_name
 from msdm.config import update
 from pipeline.config import PipelineParams, load_params
+from pipeline.live import read_curve
 from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec
 from pipeline.sweep import one_trial, sweep_name
 
@@ -40,9 +41,9 @@ def load(repo: Path, rel: str) -> dict:
     return json.loads((repo / rel).read_text())
 
 
-def curve_steps(path: Path) -> list[int]:
-    with open(path, newline="") as fh:
-        return [int(r["step"]) for r in csv.DictReader(fh)]
+def curve_steps(live: Path) -> list[int]:
+    """The steps of the rows DVCLive logged to `live` (none while it does not exist)."""
+    return [r["step"] for r in read_curve(live)]
 
 
 def test_every_output_is_written(repo):
@@ -51,7 +52,8 @@ def test_every_output_is_written(repo):
     ev = load(repo, "metrics/eval.json")
     assert ev["metric"] == "fid_featurenet" and ev["extractor"] == "featurenet"
     assert ev["fid"] > 0 and ev["fid_untrained"] > 0 and ev["num_samples"] == 40
-    assert curve_steps(repo / "results/train/curve.csv") == [4, 8, 12]
+    assert curve_steps(repo / "results/train/live") == [4, 8, 12]
+    assert load(repo, "results/train/live/metrics.json")["step"] == 12  # DVCLive's summary
     speed = load(repo, "metrics/speedup.json")
     assert set(speed["speedup"]) == {"x0"} and set(speed["speedup"]["x0"]) == {"dysigma"}
     assert set(speed["verdict"]["dysigma"]) == {"x0"} and speed["verdict"]["dysigma"]["x0"] == 0  # one seed
@@ -171,7 +173,7 @@ def test_sweep_stage_lists_every_param_a_trial_reads():
 
 def sweep_of(params: PipelineParams, tmp_path: Path):
     paths = ArtefactPaths(latents=str(tmp_path / "latents"), autoencoder="ae.pt", featurenet="fn.pt",
-                          fid_ref="ref.npz", curve="results/train/curve.csv")
+                          fid_ref="ref.npz", live="results/train/live")
     return train_spec(params, paths, str(tmp_path / "ray" / "sweep"))
 
 
@@ -183,12 +185,12 @@ def test_a_trial_is_the_train_run_with_only_the_fields_trial_spec_sets(tmp_path)
     train = sweep_of(params, tmp_path)
     trial = one_trial(train, tmp_path / "out", f"{train.storage}/{sweep_name(train)}-runs", "min_snr", "eps", 7)
     diff = spec_diff(train, trial)
-    assert set(diff) == TRIAL_SETS | {"paths.curve", "name", "storage"}
+    assert set(diff) == TRIAL_SETS | {"paths.live", "name", "storage"}
     assert {k: v[1] for k, v in diff.items() if k in TRIAL_SETS} == {
         "weighting.strategy": "min_snr", "diffusion.target": "eps", "model.preset": "vit-small", "train.steps": 77,
         "train.seed": 7, "train.checkpoint_every": 11, "train.num_workers": 2, "train.cpus_per_worker": 3,
         "train.use_gpu": True, "eval.every": 11, "eval.num_samples": 33}
-    assert trial.name == "min_snr-eps-seed7" and trial.paths.curve.endswith("trials/min_snr-eps-seed7/curve.csv")
+    assert trial.name == "min_snr-eps-seed7" and trial.paths.live.endswith("trials/min_snr-eps-seed7/live")
     assert trial.resources.per_run() == {"CPU": 6, "GPU": 2}
     assert RunSpec.from_dict(trial.to_dict()) == trial  # what Ray carries to the workers is the same spec
 
@@ -230,13 +232,13 @@ def test_sigkill_during_train_leaves_no_ray_process_and_resumes_from_checkpoint(
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"].update(steps=28, checkpoint_every=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    curve = repo / "results/train/curve.csv"
+    curve = repo / "results/train/live"
     proc = subprocess.Popen([str(VENV_BIN / "dvc"), "repro", "train"], cwd=repo, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     try:
         while time.time() < deadline:
-            if curve.is_file() and max(curve_steps(curve), default=0) >= 12 and proc.poll() is None:
+            if max(curve_steps(curve), default=0) >= 12 and proc.poll() is None:
                 break
             assert proc.poll() is None, "train finished before it could be killed"
             time.sleep(0.5)

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ import torch
 from msdm import data
 from msdm.config import DataConfig, replace, update
 from pipeline.config import PipelineParams, RayConfig
+from pipeline.live import DVCLiveCurve
 from msdm.data import DatasetError
 from msdm.io import atomic_path, atomic_torch_save, safe_torch_load
 from msdm.latents import LatentStoreError, LatentStoreWriter, shard_name
@@ -54,9 +56,11 @@ def write_tiny_store(out: Path, n: int = 64) -> Path:
     return out
 
 
-def curve_steps(path: Path) -> list[int]:
-    with open(path, newline="") as fh:
-        return [int(r["step"]) for r in csv.DictReader(fh)]
+def curve_steps(live: Path) -> list[int]:
+    """The steps of the rows DVCLive logged to `live`."""
+    from pipeline.live import read_curve
+
+    return [r["step"] for r in read_curve(live)]
 
 
 def weights_sum(model, step):
@@ -110,7 +114,7 @@ def crash_run_spec(tmp_path: Path, name: str, max_failures: int):
 
     store = write_tiny_store(tmp_path / "latents")
     return RunSpec(params=ray_params(max_failures), name=name, storage=str(tmp_path / "ray" / "train"),
-                   paths=ArtefactPaths(latents=str(store), curve=str(tmp_path / "curve.csv")))
+                   paths=ArtefactPaths(latents=str(store), live=str(tmp_path / "live")))
 
 
 RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this module's cluster run on one worker
@@ -188,20 +192,37 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
     # nothing completed is lost: the step-4 checkpoint is in the run's storage
     run_storage = tmp_path / "ray" / "train" / "crash-fatal"
     assert sorted(int(safe_torch_load(p)["step"]) for p in run_storage.rglob(CHECKPOINT_FILE)) == [4]
-    assert curve_steps(tmp_path / "curve.csv")[:2] == [2, 4]
+    assert curve_steps(tmp_path / "live")[:2] == [2, 4]
 
 
 @pytest.mark.slow
 @RAY_GROUP
-def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster, tmp_path):
+def console_lines(capfd, until: str, timeout: float = 15.0) -> list[str]:
+    """What reached this process's stdout and stderr, read until `until` appears: Ray forwards
+    its workers' output to the driver from a thread of its own."""
+    seen, deadline = "", time.time() + timeout
+    while until not in seen and time.time() < deadline:
+        out, err = capfd.readouterr()
+        seen += out + err
+        time.sleep(0.2)
+    return seen.splitlines()
+
+
+def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster, tmp_path, capfd):
     """Ray Train keeps two checkpoints: with the latest (step 8) damaged, a rerun of the run with
     more steps resumes from step 4, not from a dead end and not from scratch."""
     from dataclasses import replace as with_fields
 
     from pipeline.ray_train import fit
 
-    spec = crash_run_spec(tmp_path, "fallback", max_failures=0)
+    spec = crash_run_spec(tmp_path, "fallback", max_failures=0)  # train.log_every: 2
     fit(spec)
+    # the worker's progress lines reach the console once each (Ray Train's print patch doubled
+    # them), and Ray Train's line per report ("Reporting training result ...") not at all
+    lines = console_lines(capfd, until="step 8/8")
+    assert [line.split(" step ")[1].split()[0] for line in lines if "train[learned] step" in line] == [
+        "2/8", "4/8", "6/8", "8/8"]
+    assert not [line for line in lines if "Reporting training result" in line]
     run_storage = tmp_path / "ray" / "train" / "fallback"
     saved = {int(safe_torch_load(c)["step"]): c for c in run_storage.rglob(CHECKPOINT_FILE)}
     assert sorted(saved) == [4, 8]
@@ -211,7 +232,7 @@ def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster
     longer = with_fields(spec, params=update(spec.params, {"train": {"steps": 12}}))
     summary = fit(longer)
     assert summary.metrics["step"] == 12 and summary.metrics["resumed_from_step"] == 4
-    assert curve_steps(tmp_path / "curve.csv") == [2, 4, 6, 8, 10, 12]
+    assert curve_steps(tmp_path / "live") == [2, 4, 6, 8, 10, 12]
 
 
 @pytest.mark.slow
@@ -391,11 +412,11 @@ def test_training_refuses_a_truncated_latent_shard_before_any_compute(tmp_path):
     store = write_tiny_store(tmp_path / "latents")
     shard = store / shard_name("train", 1)
     shard.write_bytes(shard.read_bytes()[:300])
-    curve = tmp_path / "curve.csv"
+    live = tmp_path / "live"
     with pytest.raises(LatentStoreError, match=rf"{re.escape(str(shard))}.*Re-encode the dataset"):
-        run_worker(RunSpec(tiny_params(), ArtefactPaths(latents=str(store), curve=str(curve)), name="t", storage=""),
+        run_worker(RunSpec(tiny_params(), ArtefactPaths(latents=str(store), live=str(live)), name="t", storage=""),
                    TrainHooks(resume_dir=tmp_path / "ckpt"), progress=False)
-    assert not curve.exists() and not (tmp_path / "ckpt").exists()
+    assert not live.exists() and not (tmp_path / "ckpt").exists()
 
 
 @pytest.mark.slow
@@ -491,7 +512,7 @@ def run_tiny(latents, tmp_path, name, **train):
     lat, lab = latents
     return train_loop(replace(tiny_params(**train), "eval", every=3), lat, lab, INFO,
                       hooks=TrainHooks(resume_dir=tmp_path / f"{name}-ckpt"), evaluate=weights_sum,
-                      curve_path=tmp_path / f"{name}.csv", progress=False)
+                      curve=DVCLiveCurve(tmp_path / name), progress=False)
 
 
 def test_failed_checkpoint_write_loses_no_completed_work(latents, tmp_path, monkeypatch):
@@ -511,7 +532,7 @@ def test_failed_checkpoint_write_loses_no_completed_work(latents, tmp_path, monk
     monkeypatch.setattr(torch, "save", real_save)
     assert int(safe_torch_load(tmp_path / "cut-ckpt" / CHECKPOINT_FILE)["step"]) == 6
     resumed = run_tiny(latents, tmp_path, "cut")
-    assert curve_steps(tmp_path / "cut.csv") == [3, 6, 9, 12]
+    assert curve_steps(tmp_path / "cut") == [3, 6, 9, 12]
     for a, b in zip(straight.curve, resumed.curve, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["fid"] == pytest.approx(b["fid"], rel=1e-5)
 

@@ -316,6 +316,9 @@ class FakeRun:
 
 @pytest.fixture
 def fake_wandb(monkeypatch):
+    """wandb as Ray's integration module sees it: `init` records the run it opens."""
+    import ray.air.integrations.wandb as ray_wandb
+
     module = types.ModuleType("wandb")
     module.runs = []
 
@@ -325,6 +328,11 @@ def fake_wandb(monkeypatch):
 
     module.init = init
     monkeypatch.setitem(sys.modules, "wandb", module)
+    monkeypatch.setattr(ray_wandb, "wandb", module)
+    for name in ("WBValue", "Image", "Video"):  # the types Ray's config cleaner checks against
+        monkeypatch.setattr(ray_wandb, name, type(name, (), {}), raising=False)
+    for name in ("WANDB_MODE", "WANDB_DIR"):
+        monkeypatch.delenv(name, raising=False)
     return module
 
 
@@ -333,54 +341,58 @@ def tracking(wandb: bool = True, mode: str = "offline"):
 
 
 def test_tracking_is_off_by_default_and_never_imports_wandb(monkeypatch):
-    from pipeline.tracking import Tracker, build_tracker, check_tracking, tracking_settings
+    from pipeline.tracking import check_tracking, sweep_callbacks, wandb_run
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # any import of wandb would raise ImportError
-    assert tracking_settings(Params()) == (False, "msdm", "offline")  # no tracking section yet
-    check_tracking(Params())
-    tracker = build_tracker(Params(), rank=0, run_name="train-x")
-    assert type(tracker) is Tracker and not tracker.enabled
-    tracker.log({"loss": 1.0}, step=1)
-    assert type(build_tracker(tracking(wandb=False), rank=0, run_name="x")) is Tracker
+    for params in (Params(), PipelineParams(), tracking(wandb=False)):  # library params have no tracking section
+        check_tracking(params)
+        assert wandb_run(params, run_name="train-x", config={}) is None
+        assert sweep_callbacks(params, group="sweep-x") == []
 
 
 def test_tracking_on_without_wandb_is_a_clear_error(monkeypatch):
-    from pipeline.tracking import TrackingError, build_tracker, check_tracking
+    from pipeline.tracking import TrackingError, check_tracking
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(TrackingError, match=r"pip install wandb==0\.31\.0.*tracking\.wandb: false"):
         check_tracking(tracking())
-    with pytest.raises(ConfigError, match="wandb package is not installed"):
-        build_tracker(tracking(), rank=0, run_name="x")
-    with pytest.raises(TrackingError, match="tracking.mode: got 'cloud'"):
-        check_tracking(tracking(mode="cloud"))
-    assert not build_tracker(tracking(), rank=1, run_name="x").enabled  # other ranks never need wandb
+    with pytest.raises(ConfigError, match="tracking.mode: got 'cloud'"):
+        update(PipelineParams(), {"tracking": {"wandb": True, "mode": "cloud"}})
 
 
-def test_wandb_runs_offline_on_rank_0_in_a_gitignored_folder(fake_wandb, tmp_path):
+def test_train_opens_its_wandb_run_through_rays_setup_wandb_offline(fake_wandb, tmp_path):
+    import os
     import subprocess
 
-    from pipeline.tracking import DEFAULT_DIR, build_tracker
+    from pipeline.tracking import DEFAULT_DIR, wandb_run
 
-    assert build_tracker(tracking(), rank=1, run_name="train-ab").enabled is False and not fake_wandb.runs
-    tracker = build_tracker(tracking(), rank=0, run_name="train-ab", config={"train": {"lr": 1e-4}},
-                            directory=tmp_path / "wandb")
-    (run,) = fake_wandb.runs
-    assert run.init_kwargs == {"project": "msdm-test", "name": "train-ab", "id": "train-ab", "resume": "allow",
-                               "mode": "offline", "dir": str(tmp_path / "wandb"),
-                               "config": {"train": {"lr": 1e-4}}, "job_type": "train"}
-    tracker.log({"step": 6, "loss": 0.5, "metric": "fid_inception", "fid": float("nan"), "ok": True}, step=6)
-    assert run.logged == [(6, {"step": 6.0, "loss": 0.5})]  # numbers only, NaN dropped
-    tracker.finish(failed=True)
-    assert run.finished == 1
+    run = wandb_run(tracking(), run_name="train-ab", config={"train": {"lr": 1e-4}}, directory=tmp_path / "wandb")
+    assert fake_wandb.runs == [run]
+    kwargs = run.init_kwargs
+    assert {k: kwargs[k] for k in ("project", "name", "id", "resume", "mode", "dir", "job_type")} == {
+        "project": "msdm-test", "name": "train-ab", "id": "train-ab", "resume": "allow", "mode": "offline",
+        "dir": str(tmp_path / "wandb"), "job_type": "train"}
+    assert kwargs["config"] == {"train": {"lr": 1e-4}}
+    # offline is set where Ray's integration reads it, so it never asks for an API key
+    assert os.environ["WANDB_MODE"] == "offline" and (tmp_path / "wandb").is_dir()
     # DVC experiments commit untracked files; the W&B run folder must be ignored by git.
     ignored = subprocess.run(["git", "check-ignore", "-q", str(DEFAULT_DIR / "run-x" / "files")], cwd=REPO)
     assert ignored.returncode == 0
 
 
-def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb, tmp_path):
+def test_sweep_logs_each_trial_through_tunes_wandb_logger_callback(fake_wandb, tmp_path):
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from pipeline.tracking import sweep_callbacks
+
+    (callback,) = sweep_callbacks(tracking(), group="sweep-ab", directory=tmp_path / "wandb")
+    assert isinstance(callback, WandbLoggerCallback)
+    assert (callback.project, callback.group) == ("msdm-test", "sweep-ab")
+    assert callback.kwargs == {"mode": "offline", "dir": str(tmp_path / "wandb"), "job_type": "sweep-trial"}
+
+
+def test_run_worker_logs_every_row_to_the_wandb_run(tmp_path):
     from msdm.latents import write_latents
-    from pipeline.tracking import WandbTracker
     from msdm.diffusion_training import TrainHooks
     from pipeline.ray_train import run_worker
     from pipeline.spec import ArtefactPaths, RunSpec
@@ -395,11 +407,12 @@ def test_run_worker_logs_reports_and_evaluations_through_the_tracker(fake_wandb,
                    "eval": {"every": 2}})
     run = FakeRun()
     spec = RunSpec(p, ArtefactPaths(latents=str(tmp_path / "latents")), name="t", storage="")
-    result = run_worker(spec, TrainHooks(), progress=False, tracker=WandbTracker(run))
+    result = run_worker(spec, TrainHooks(), progress=False, wandb=run)
     assert result.step == 4
     assert [step for step, _ in run.logged] == [2, 4]
-    assert all(np.isfinite(m["loss"]) and m["step"] == s for s, m in run.logged)
-    assert run.logged[-1][1]["loss"] == pytest.approx(result.curve[-1]["loss"])
+    for (step, logged), row in zip(run.logged, result.curve, strict=True):
+        numbers = {k: v for k, v in row.items() if k != "step" and np.isfinite(v)}
+        assert logged == pytest.approx(numbers) and "mse_space1" in logged
 
 
 # ---------------------------------------------------------------------------- presets

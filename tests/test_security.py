@@ -16,6 +16,7 @@ import torch
 
 from msdm.config import replace
 from pipeline.config import PipelineParams, RayConfig
+from pipeline.live import DVCLiveCurve
 from msdm.io import (AUTOENCODER_ARTEFACT, DIFFUSION_CHECKPOINT_ARTEFACT, DIFFUSION_MODEL_ARTEFACT,
                      FEATURENET_ARTEFACT, CorruptFileError, atomic_write_json, load_artefact, safe_torch_load,
                      save_artefact)
@@ -68,7 +69,7 @@ def resume_training_from(path: Path) -> None:
     with pytest.warns(RuntimeWarning, match="starting from step 0") as warned:
         train_loop(tiny_params(), torch.randn(16, 6, 4, 4, generator=g), torch.zeros(16, dtype=torch.long),
                    LatentInfo(channels=6, size=4, subspaces=3, num_classes=4), hooks=TrainHooks(resume_dir=ckpt_dir),
-                   curve_path=path.parent / "fresh-run" / "curve.csv", progress=False)
+                   progress=False)
     raise CorruptFileError(str(warned[0].message))
 
 
@@ -115,7 +116,7 @@ def test_torch_loaders_refuse_a_pickled_payload_without_running_it(name, payload
         load(path)
     assert "weights-only" in str(err.value) and "pickled payload" in str(err.value)
     assert not marker.exists()
-    assert not (tmp_path / "curve.csv").exists() and not (tmp_path / "diffusion.pt").exists()
+    assert not (tmp_path / "fresh-run").exists() and not (tmp_path / "diffusion.pt").exists()
 
 
 @pytest.mark.parametrize("victim", ["shard", "labels"])
@@ -300,10 +301,10 @@ def test_secrets_in_the_environment_reach_no_output(tmp_path, monkeypatch, capfd
     g = torch.Generator().manual_seed(0)
     result = train_loop(replace(tiny_params(), "eval", every=2), torch.randn(16, 6, 4, 4, generator=g),
                         torch.zeros(16, dtype=torch.long), LatentInfo(channels=6, size=4, subspaces=3, num_classes=4),
-                        hooks=hooks, curve_path=out / "curve.csv", progress=True)
+                        hooks=hooks, curve=DVCLiveCurve(out / "live"), progress=True)
     atomic_write_json({**hooks.metrics[-1], "images_per_second": result.images_per_second}, out / "metrics.json")
     written = sorted(p for p in out.rglob("*") if p.is_file())
-    assert {p.name for p in written} == {"state.pt", "curve.csv", "metrics.json"}
+    assert {p.name for p in written} >= {"state.pt", "loss.tsv", "metrics.json"}  # checkpoint, DVCLive, stage
     assert json.loads((out / "metrics.json").read_text())["step"] == 4
     state = safe_torch_load(out / "checkpoint" / CHECKPOINT_FILE)
     logs = capfd.readouterr()

@@ -1,7 +1,7 @@
 """The per-worker loop without Ray: determinism, exact resume, NaN policy, corrupt checkpoints."""
 from __future__ import annotations
 
-import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -12,6 +12,7 @@ from msdm.config import Params, replace
 from msdm.diffusion_training import CHECKPOINT_FILE, LatentInfo, NonFiniteLossError, TrainHooks, train_loop
 
 from fault_hooks import NaNLossHooks
+from pipeline.live import DVCLiveCurve, read_curve
 
 INFO = LatentInfo(channels=6, size=4, subspaces=3, num_classes=4)
 
@@ -34,18 +35,13 @@ def fake_eval(model, step):
     return {"fid": float(sum(p.double().sum() for p in model.parameters()))}
 
 
-def read_curve(path: Path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
 def run(params, data, tmp_path, name, nan_steps=(), **kw):
     lat, lab = data
     hooks = TrainHooks(resume_dir=tmp_path / f"{name}-ckpt")
     if nan_steps:
         hooks = NaNLossHooks(hooks, set(nan_steps))
     return train_loop(replace(params, "eval", every=3), lat, lab, INFO, hooks=hooks, evaluate=fake_eval,
-                      curve_path=tmp_path / f"{name}.csv", progress=False, **kw)
+                      curve=DVCLiveCurve(tmp_path / name), progress=False, **kw)
 
 
 def test_same_seed_same_curve(data, tmp_path):
@@ -65,20 +61,30 @@ def test_resume_is_exact(data, tmp_path, strategy):
     straight = run(tiny_params(strategy), data, tmp_path, "straight")
     run(tiny_params(strategy, steps=6), data, tmp_path, "split")
     resumed = run(tiny_params(strategy), data, tmp_path, "split")
-    curve = read_curve(tmp_path / "split.csv")
-    assert [int(r["step"]) for r in curve] == [3, 6, 9, 12]  # none lost, none repeated
+    curve = read_curve(tmp_path / "split")
+    assert [r["step"] for r in curve] == [3, 6, 9, 12]  # none lost, none repeated
     for ra, rb in zip(straight.curve, resumed.curve):
         assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
         assert ra["fid"] == pytest.approx(rb["fid"], rel=1e-5)
 
 
-def test_resume_drops_rows_after_checkpoint(data, tmp_path):
-    """Rows evaluated after the last checkpoint are recomputed once, not duplicated."""
+def test_resume_drops_rows_logged_after_the_checkpoint(data, tmp_path):
+    """Rows DVCLive logged after the last checkpoint are logged again by the resumed run, once,
+    and metrics.json ends with the resumed run's values."""
     run(tiny_params(steps=6), data, tmp_path, "r")
-    with open(tmp_path / "r.csv", "a") as fh:  # as if the process died after evaluating step 9
-        fh.write("9,0.5," + ",".join(["0"] * 14) + ",1.0\n")
+    live = tmp_path / "r"
+    for tsv in (live / "plots" / "metrics").glob("*.tsv"):  # as if the process died while logging step 9
+        with open(tsv, "a") as fh:
+            fh.write("9\t123.0\n9\t4")  # a whole row, then one cut short
+    (live / "metrics.json").write_text('{"step": 9, "loss": 12')  # cut short too
     run(tiny_params(), data, tmp_path, "r")
-    assert [int(r["step"]) for r in read_curve(tmp_path / "r.csv")] == [3, 6, 9, 12]
+    straight = run(tiny_params(), data, tmp_path, "straight")
+    rows = read_curve(live)
+    assert [r["step"] for r in rows] == [3, 6, 9, 12]
+    for want, got in zip(straight.curve, rows, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5) and got["fid"] == pytest.approx(want["fid"], rel=1e-5)
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["step"] == 12 and summary["fid"] == pytest.approx(straight.curve[-1]["fid"], rel=1e-5)
 
 
 def test_nan_steps_are_skipped_up_to_the_limit(data, tmp_path):
@@ -121,23 +127,25 @@ class StopAt(KeepEveryCheckpoint):
             raise KeyboardInterrupt(f"stopped at step {step}")
 
 
-def loop(params, data, hooks, curve: Path):
+def loop(params, data, hooks, live: Path):
+    """The loop with its rows logged by DVCLive to `live`, as the pipeline logs them."""
     lat, lab = data
-    return train_loop(params, lat, lab, INFO, hooks=hooks, evaluate=fake_eval, curve_path=curve, progress=False)
+    return train_loop(params, lat, lab, INFO, hooks=hooks, evaluate=fake_eval, curve=DVCLiveCurve(live),
+                      progress=False)
 
 
 def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(data, tmp_path):
     params = replace(tiny_params(checkpoint_every=4), "eval", every=4)
-    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight.csv")
+    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        loop(params, data, StopAt(tmp_path / "ckpts", step=10), tmp_path / "resumed.csv")
+        loop(params, data, StopAt(tmp_path / "ckpts", step=10), tmp_path / "resumed")
     damaged = tmp_path / "ckpts" / "step-8" / CHECKPOINT_FILE
     raw = bytearray(damaged.read_bytes())
     raw[len(raw) // 2] ^= 0x01
     damaged.write_bytes(bytes(raw))
     with pytest.warns(RuntimeWarning, match=rf"{damaged}: .*; resuming from the checkpoint before it"):
-        resumed = loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed.csv")
-    assert [r["step"] for r in read_curve(tmp_path / "resumed.csv")] == ["4", "8", "12"]
+        resumed = loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed")
+    assert [r["step"] for r in read_curve(tmp_path / "resumed")] == [4, 8, 12]
     assert resumed.curve[-1]["fid"] == pytest.approx(straight.curve[-1]["fid"], rel=1e-6)
 
 
@@ -156,12 +164,12 @@ def test_rows_after_a_resume_equal_the_uninterrupted_run_between_checkpoint_and_
     """Checkpoints (every 5) fall between evaluations (every 3): the row after the resume
     averages the same steps as the uninterrupted run's, because the running sums are saved."""
     params = replace(tiny_params(checkpoint_every=5), "eval", every=3)
-    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight.csv")
+    straight = loop(params, data, KeepEveryCheckpoint(tmp_path / "straight"), tmp_path / "straight")
     with pytest.raises(KeyboardInterrupt):
-        loop(params, data, StopAt(tmp_path / "ckpts", step=7), tmp_path / "resumed.csv")
-    loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed.csv")
-    resumed = read_curve(tmp_path / "resumed.csv")
-    assert [r["step"] for r in resumed] == ["3", "6", "9", "12"]
+        loop(params, data, StopAt(tmp_path / "ckpts", step=7), tmp_path / "resumed")
+    loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed")
+    resumed = read_curve(tmp_path / "resumed")
+    assert [r["step"] for r in resumed] == [3, 6, 9, 12]
     for want, got in zip(straight.curve, resumed):
         for key in ("loss", "mse_space0", "mse_space2", "mean_weight", "fid"):
             assert float(got[key]) == pytest.approx(want[key], rel=1e-6), (want["step"], key)

@@ -195,7 +195,7 @@ def time_train_loop(params: Params, latents: Tensor, labels: Tensor, info: Laten
         return {}
 
     p = update(params, {"train": {"steps": total, "checkpoint_every": total + 1}, "eval": {"every": chunk}})
-    train_loop(p, latents, labels, info, hooks=hooks or TrainHooks(), evaluate=stamp, curve_path=None,
+    train_loop(p, latents, labels, info, hooks=hooks or TrainHooks(), evaluate=stamp,
                progress=False)
     return timing_from_stamps(stamps, warmup)
 

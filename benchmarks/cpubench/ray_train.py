@@ -1,9 +1,10 @@
 """Benchmark 2: the same training through Ray Train (pipeline.trainer.build_trainer(...).fit()).
 
 Steady-state throughput is read from the loop itself, not from the fit's wall time: the run
-writes its curve CSV (RunPaths.curve) every `eval_every` = chunk steps, atomically, so each
-new version of the file carries the step it reached in its last row and the time it was
-written in its mtime. A driver thread polls the file (every 10 ms, a stat per poll) and
+logs a row with DVCLive (ArtefactPaths.live) every `eval_every` = chunk steps, and DVCLive
+rewrites its summary metrics.json after each, so each new version of that file carries the
+step the run reached and the time it was written in its mtime. A driver thread polls the file
+(every 10 ms, a stat per poll) and
 keeps (step, mtime) pairs; seconds per step come from those stamps exactly as for the
 in-process loop. No FID runs (RunPaths(fid_ref=None)).
 
@@ -13,7 +14,7 @@ last step to fit() returning (final checkpoint, report, worker shutdown).
 """
 from __future__ import annotations
 
-import csv
+import json
 import os
 import threading
 import time
@@ -36,7 +37,8 @@ def sizes(quick: bool, params) -> dict:
 
 
 class CurvePoller(threading.Thread):
-    """Collects (step, write time) of each version of an atomically rewritten curve CSV."""
+    """Collects (step, write time) of each version of a run's DVCLive summary (`<live>/metrics.json`,
+    rewritten after every logged row)."""
 
     def __init__(self, path: Path, interval: float = 0.01):
         super().__init__(daemon=True)
@@ -57,15 +59,14 @@ class CurvePoller(threading.Thread):
             before = os.stat(self.path)
             if before.st_mtime_ns == seen_mtime:
                 return seen_mtime
-            with open(self.path, newline="") as fh:
-                rows = list(csv.DictReader(fh))
+            step = int(json.loads(self.path.read_text())["step"])
             after = os.stat(self.path)
-        except FileNotFoundError:
+        except (FileNotFoundError, ValueError, KeyError):  # not there yet, or caught mid-write
             return seen_mtime
-        if (before.st_ino, before.st_mtime_ns) != (after.st_ino, after.st_mtime_ns) or not rows:
-            return seen_mtime  # replaced while reading: the next poll reads the new version
+        if (before.st_ino, before.st_mtime_ns) != (after.st_ino, after.st_mtime_ns):
+            return seen_mtime  # rewritten while reading: the next poll reads the new version
         # mtime has the kernel's coarse clock resolution (a few ms): small against a chunk of steps
-        self.stamps.setdefault(int(float(rows[-1]["step"])), after.st_mtime_ns / 1e9)
+        self.stamps.setdefault(step, after.st_mtime_ns / 1e9)
         return after.st_mtime_ns
 
     def stop(self) -> list[tuple[int, float]]:
@@ -80,12 +81,12 @@ def fit(ctx: Context, params, store: Path, name: str, size: dict) -> dict:
     from pipeline.spec import ArtefactPaths, RunSpec
 
     total = size["warmup"] + size["steps"]
-    curve = ctx.tmp / f"{name}.csv"
-    poller = CurvePoller(curve)
+    live = ctx.tmp / name
+    poller = CurvePoller(live / "metrics.json")
     poller.start()
     t0 = time.time()
     spec = RunSpec(params=update(params, {"train": {"steps": total}, "eval": {"every": size["chunk"]}}),
-                   paths=ArtefactPaths(latents=str(store), curve=str(curve)).resolved(), name=name,
+                   paths=ArtefactPaths(latents=str(store), live=str(live)).resolved(), name=name,
                    storage=str((ctx.tmp / "ray").resolve()))
     result = build_trainer(spec).fit()
     t1 = time.time()
