@@ -221,6 +221,11 @@ def progress_line(name: str, step: int, steps: int, loss: float, done: int, seco
             f"{rate:.1f} steps/s  ETA {eta_text}")
 
 
+def eval_line(name: str, step: int, steps: int, row: dict) -> str:
+    """'eval[const] step 1000/4000  fid_featurenet 112.7': an evaluation, where no bar shows it."""
+    return f"eval[{name}] step {step}/{steps}  {row.get('metric', 'fid')} {row['fid']:.4g}"
+
+
 def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo, *,
                hooks: TrainHooks | None = None,
                evaluate: Callable[[nn.Module, int], dict] | None = None,
@@ -414,6 +419,8 @@ def train_loop(params: Params, latents: Tensor, labels: Tensor, info: LatentInfo
             row = do_eval()
             if bar is not None:
                 bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "fid") if k in row})
+            elif progress and "fid" in row:
+                print(eval_line(params.weighting.strategy, step, steps, row), flush=True)
         if step % tc.checkpoint_every == 0 or step == steps:
             save_and_report()
     if bar is not None:

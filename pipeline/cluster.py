@@ -38,6 +38,10 @@ def close_local_cluster() -> None:
 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray Train's preemption watcher polls for spot-node preemption, which a single-machine
+    # cluster does not have; its actor also logged an error-level line per run ("has
+    # constructor arguments in the object store and max_restarts > 0") into the console.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if "RAY_AUTH_MODE" not in os.environ:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)

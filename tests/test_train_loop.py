@@ -177,11 +177,16 @@ def test_rows_after_a_resume_equal_the_uninterrupted_run_between_checkpoint_and_
 
 def test_without_a_terminal_the_loop_logs_a_progress_line_every_log_every_steps(data, capsys):
     """Ray workers and dvc logs have no terminal for a bar: every train.log_every steps rank 0
-    prints its step, loss, steps per second and ETA."""
+    prints its step, loss, steps per second and ETA, and after each evaluation its FID."""
     lat, lab = data
     train_loop(replace(tiny_params("const", steps=6, log_every=2), "eval", every=6), lat, lab, INFO,
                evaluate=fake_eval)
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("train[const]")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("train[const]")]
     assert [line.split()[2] for line in lines] == ["2/6", "4/6", "6/6"]
     assert all("steps/s" in line and "ETA" in line and "loss" in line for line in lines)
     assert lines[-1].split("ETA ")[1] == "0m00s"
+    # and each evaluation, with the metric's name (fake_eval reports none: plain fid)
+    (evaluation,) = [line for line in out if line.startswith("eval[const]")]
+    assert evaluation.startswith("eval[const] step 6/6  fid ")
+
