@@ -45,6 +45,12 @@ class Resources:
         return {"CPU": self.num_workers * self.cpus_per_worker, **({"GPU": self.num_workers} if self.use_gpu else {})}
 
 
+def trial_resources(params: PipelineParams) -> Resources:
+    """Every sweep trial's worker group (what `trial_params` puts into its train section)."""
+    s = params.sweep
+    return Resources(num_workers=s.num_workers, cpus_per_worker=s.cpus_per_worker, use_gpu=s.use_gpu)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     params: PipelineParams

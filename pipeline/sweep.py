@@ -25,7 +25,7 @@ from msdm.io import atomic_path, atomic_write_json
 from .errors import PipelineError
 from .live import read_curve
 from .tracking import check_tracking, sweep_callbacks
-from .spec import RunSpec, run_digest, trial_name, trial_params, trial_spec
+from .spec import RunSpec, run_digest, trial_name, trial_params, trial_resources, trial_spec
 
 
 TRIAL_DRIVER_MEMORY = 256 * 1024 ** 2  # bytes: a Tune trial's process, which builds and waits on its trainer
@@ -69,23 +69,29 @@ def run_identity(spec: RunSpec) -> str:
     return hashlib.sha256(json.dumps(spec.to_dict(), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def finished_earlier(path: Path, spec: RunSpec) -> dict | None:
-    """The last metrics of this trial's run if it completed before (the record carries the
-    run's identity: a changed trial does not match), else None."""
+def read_finished(path: Path) -> dict:
+    """A trial's completion record ({} when there is none, or it cannot be read)."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
-        return None
-    if (not isinstance(record, dict) or record.get("run") != run_identity(spec)
-            or not isinstance(record.get("metrics"), dict)):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def finished_earlier(path: Path, spec: RunSpec) -> dict | None:
+    """The last metrics of this trial's run if it completed before (the record carries the
+    run's identity: a changed trial does not match), else None."""
+    record = read_finished(path)
+    if record.get("run") != run_identity(spec) or not isinstance(record.get("metrics"), dict):
         return None
     return {**record["metrics"], "seconds": record.get("seconds")}
 
 
-def run_seconds(record: Path, fallback: float) -> float:
+def run_seconds(record: dict, fallback: float) -> float:
+    """The run's wall time from its completion record, else `fallback` (Tune's time)."""
     try:
-        return round(float(json.loads(record.read_text())["seconds"]), 1)
-    except (OSError, ValueError, KeyError, TypeError):
+        return round(float(record["seconds"]), 1)
+    except (KeyError, TypeError, ValueError):
         return round(float(fallback), 1)
 
 
@@ -186,7 +192,7 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
         tuner = tune.Tuner(
             trainable, param_space=space,
             # reuse_actors: the next trial runs in a finished trial's process instead of a new one
-            tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trials[0].resources.per_run()),
+            tune_config=tune.TuneConfig(search_alg=ResourceBoundTrials(trial_resources(spec.params).per_run()),
                                         reuse_actors=True),
             # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
             run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=1,
@@ -221,7 +227,7 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
                      "steps": int(last["step"]),
                      # the run's wall time, from its completion record (also for a trial kept
                      # from before an interruption)
-                     "seconds": run_seconds(trial_dir(out_dir, strategy, target, seed) / FINISHED_FILE,
+                     "seconds": run_seconds(read_finished(trial_dir(out_dir, strategy, target, seed) / FINISHED_FILE),
                                             reported.get("time_total_s", float("nan"))),
                      "world_size": int(reported.get("world_size", 0)),
                      # where the last attempt picked the run up (0: it ran straight through)

@@ -18,8 +18,8 @@ PATHS = {"latents": "data/latents", "autoencoder": "models/autoencoder.pt", "fea
 
 def body(params: PipelineParams, args) -> None:
     from pipeline.cluster import init_ray, require_room
-    from pipeline.spec import ArtefactPaths, stage_storage, train_spec
-    from pipeline.sweep import run_sweep, trial_specs
+    from pipeline.spec import ArtefactPaths, stage_storage, train_spec, trial_resources
+    from pipeline.sweep import run_sweep
 
     require(args.latents / "meta.json", "encode")
     require(args.autoencoder, "autoencoder")
@@ -30,7 +30,7 @@ def body(params: PipelineParams, args) -> None:
                           featurenet=str(args.featurenet), fid_ref=str(args.fid_ref))
     init_ray(params.ray)
     spec = train_spec(params, paths, stage_storage(params, args.runs))
-    require_room(trial_specs(spec, args.out, "")[0].resources.per_run(), "sweep", params.ray)
+    require_room(trial_resources(params).per_run(), "sweep", params.ray)
     out = run_sweep(spec, args.out)
     print(f"sweep: wrote {out.curves} and {out.trials}")
 

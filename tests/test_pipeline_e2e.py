@@ -19,7 +19,7 @@ from e2e import REPO, TINY_PARAMS, VENV_BIN, copy_repo, dvc, env, kill_marked_pr
 from msdm.config import update
 from pipeline.config import PipelineParams, load_params
 from pipeline.live import read_curve
-from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec
+from pipeline.spec import ArtefactPaths, RunSpec, spec_diff, train_spec, trial_resources
 from pipeline.sweep import one_trial, sweep_name
 
 # One xdist group: the tests share the module's tiny repo and run in order on one worker.
@@ -191,7 +191,7 @@ def test_a_trial_is_the_train_run_with_only_the_fields_trial_spec_sets(tmp_path)
         "train.seed": 7, "train.checkpoint_every": 11, "train.num_workers": 2, "train.cpus_per_worker": 3,
         "train.use_gpu": True, "eval.every": 11, "eval.num_samples": 33}
     assert trial.name == "min_snr-eps-seed7" and trial.paths.live.endswith("trials/min_snr-eps-seed7/live")
-    assert trial.resources.per_run() == {"CPU": 6, "GPU": 2}
+    assert trial.resources.per_run() == trial_resources(params).per_run() == {"CPU": 6, "GPU": 2}
     assert RunSpec.from_dict(trial.to_dict()) == trial  # what Ray carries to the workers is the same spec
 
 
