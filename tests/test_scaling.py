@@ -430,12 +430,21 @@ def preset_over_defaults(name: str) -> Params:
 def test_every_dataset_has_a_valid_preset():
     from pipeline.presets import available_presets
 
-    # every file is a dataset preset, except the CPU study profile (same data, longer sweep)
-    assert sorted(Path(p).stem for p in available_presets(REPO / "configs")) == sorted((*PRESETS, "study"))
+    # every file is a dataset preset, except the two study profiles (the CPU one: same data, longer sweep)
+    assert sorted(Path(p).stem for p in available_presets(REPO / "configs")) == sorted((*PRESETS, "study", "gpu_study"))
     assert preset_over_defaults("study").data == load_params(REPO / "params.yaml").data
     datasets = {name: preset_over_defaults(name).data for name in PRESETS}
     assert {d.dataset for d in datasets.values()} == {"cifar10", "celeba", "lsun_bedroom", "lsun_church", "imagenet"}
     assert [datasets[n].image_size for n in PRESETS] == [32, 64, 256, 256, 256, 512]
+
+
+def test_gpu_study_is_the_cpu_studys_grid_at_paper_scale_on_gpus():
+    gpu, cpu = preset_over_defaults("gpu_study"), preset_over_defaults("study")
+    assert (gpu.sweep.strategies, gpu.sweep.targets, gpu.sweep.seeds) == \
+           (cpu.sweep.strategies, cpu.sweep.targets, cpu.sweep.seeds)
+    assert (gpu.data.dataset, gpu.data.image_size, gpu.fid.extractor) == ("cifar10", 32, "inception-v3-compat")
+    assert gpu.sweep.use_gpu and gpu.sweep.preset == "vit-b" and gpu.sweep.steps >= 10_000
+    assert gpu.autoencoder == preset_over_defaults("cifar10").autoencoder  # the cifar10 preset's latents
 
 
 def test_imagenet256_preset_is_the_min_snr_vit_b_recipe():
