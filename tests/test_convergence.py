@@ -419,6 +419,7 @@ def test_report_stage_writes_numbers_verdicts_table_and_plots(report_paths, caps
            "**contradicted at this budget** |" in page
     assert "| learned | – | [–, 1.00] | <1.00, <1.00 |" in page
     assert re.search(r"commit `[0-9a-f]{7,}`", page) and "cores (" in page
+    assert "[results_multispace.md](results_multispace.md)" in page  # the multi-space claim's own page
 
     table = pd.read_csv(report_paths / "report/speedup.csv")
     assert set(table["strategy"]) == {"const", "min_snr", "dysigma", "learned"}
