@@ -23,7 +23,8 @@ def convergence_figure(curves_by_target: dict[str, pd.DataFrame], tables: dict[s
     targets = list(tables)
     all_strategies = list(dict.fromkeys(s for t in targets for s in tables[t]["strategies"]))
     colors = strategy_colors(all_strategies)
-    fig, axes = plt.subplots(1, len(targets), figsize=(5.5 * len(targets), 5), dpi=120, squeeze=False)
+    # 7 inches at least: one panel (the default sweep's single target) still holds the title
+    fig, axes = plt.subplots(1, len(targets), figsize=(max(7.0, 5.5 * len(targets)), 5), dpi=120, squeeze=False)
     for ax, target in zip(axes[0], targets):
         table, curves = tables[target], curves_by_target[target]
         means = mean_curves(curves)
@@ -49,7 +50,7 @@ def convergence_figure(curves_by_target: dict[str, pd.DataFrame], tables: dict[s
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, frameon=False)
     n_seeds = max(int(c["seed"].nunique()) for c in curves_by_target.values())
-    fig.suptitle(f"{metric} vs training step: mean over seeds, band = min-max over {n_seeds} seeds")
+    fig.suptitle(f"{metric} vs training step\nmean over seeds, band = min-max over {n_seeds} seeds", fontsize=11)
     fig.tight_layout()
     return fig
 
@@ -122,7 +123,7 @@ def speedup_figure(tables: dict[str, dict], metric: str):
         if strategy in strategies and strategy != "dysigma_min_snr":  # one line per published number
             ax.axhline(claimed, linestyle=":", color="gray")
             ax.text(len(targets) - 0.5, claimed, f"claimed: {strategy} {claimed}x", va="bottom", ha="right",
-                    fontsize=8, color="gray")
+                    fontsize=8, color="gray", bbox={"facecolor": "white", "edgecolor": "none", "pad": 1})
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(targets)), [f"target {t}" for t in targets])
     ax.set_ylim(0, top)
