@@ -93,6 +93,7 @@ def sweep_callbacks(params: Any, *, group: str, directory: Path = DEFAULT_DIR) -
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     t = params.tracking
-    _offline_first(t.mode, Path(directory))
+    directory = Path(directory).resolve()  # absolute: Tune's logging actors run in their own folders
+    _offline_first(t.mode, directory)
     return [WandbLoggerCallback(project=t.project, group=group, mode=t.mode, dir=str(directory),
                                 excludes=["time_this_iter_s", "timestamp"], job_type="sweep-trial")]

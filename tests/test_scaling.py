@@ -380,15 +380,17 @@ def test_train_opens_its_wandb_run_through_rays_setup_wandb_offline(fake_wandb, 
     assert ignored.returncode == 0
 
 
-def test_sweep_logs_each_trial_through_tunes_wandb_logger_callback(fake_wandb, tmp_path):
+def test_sweep_logs_each_trial_through_tunes_wandb_logger_callback(fake_wandb, tmp_path, monkeypatch):
     from ray.air.integrations.wandb import WandbLoggerCallback
 
     from pipeline.tracking import sweep_callbacks
 
-    (callback,) = sweep_callbacks(tracking(), group="sweep-ab", directory=tmp_path / "wandb")
+    monkeypatch.chdir(tmp_path)
+    (callback,) = sweep_callbacks(tracking(), group="sweep-ab", directory=Path("wandb"))
     assert isinstance(callback, WandbLoggerCallback)
     assert (callback.project, callback.group) == ("msdm-test", "sweep-ab")
-    assert callback.kwargs == {"mode": "offline", "dir": str(tmp_path / "wandb"), "job_type": "sweep-trial"}
+    # absolute: Tune's logging actors do not run in the driver's folder
+    assert callback.kwargs == {"mode": "offline", "dir": str((tmp_path / "wandb").resolve()), "job_type": "sweep-trial"}
 
 
 def test_run_worker_logs_every_row_to_the_wandb_run(tmp_path):
