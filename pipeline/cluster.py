@@ -54,6 +54,20 @@ def is_local_cluster() -> bool:
     return os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0"
 
 
+def pin_cluster_address() -> None:
+    """Ray worker set-up hook of a local cluster: name this cluster in $RAY_ADDRESS.
+
+    Ray's state API finds "the" cluster from $RAY_ADDRESS, else by looking for running GCS
+    processes, and a local cluster started by `ray.init` sets no $RAY_ADDRESS. With a second Ray
+    instance on the machine (two `dvc exp` queue workers, a sweep beside `make test`, a `ray
+    start`) that search fails, or finds the other one: Ray Train's PlacementGroupCleaner, which
+    polls the state API for its controller, then died with a traceback in the console each run.
+    """
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+
+
 def init_ray(cfg: RayConfig):
     """Connect to `ray.address` (or $RAY_ADDRESS), else start a local cluster on loopback with token auth.
 
@@ -72,7 +86,8 @@ def init_ray(cfg: RayConfig):
     # cleanup polls; it is bound to loopback only.
     kwargs = dict(num_cpus=cfg.num_cpus or None, dashboard_host="127.0.0.1",
                   object_store_memory=512 * 1024 * 1024, log_to_driver=True, configure_logging=True,
-                  logging_level="WARNING")
+                  logging_level="WARNING",
+                  runtime_env={"worker_process_setup_hook": f"{__name__}.{pin_cluster_address.__name__}"})
     try:
         ray.init(include_dashboard=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this

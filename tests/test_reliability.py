@@ -258,8 +258,6 @@ def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_pa
     assert not (tmp_path / "sweep" / "curves.csv").exists()
 
 
-@pytest.mark.slow
-@RAY_GROUP
 def cluster_listeners() -> list[tuple[str, str, int]]:
     """(process name, address, port) of every TCP listener of this process and the Ray processes it started."""
     import psutil
@@ -277,6 +275,8 @@ def is_loopback(ip: str) -> bool:
     return addr.is_loopback or bool(getattr(addr, "ipv4_mapped", None) and addr.ipv4_mapped.is_loopback)
 
 
+@pytest.mark.slow
+@RAY_GROUP
 def test_local_ray_cluster_listens_on_loopback_only_and_refuses_a_client_without_its_token(ray_cluster):
     """GCS, raylet, workers, dashboard and agents: a listener on another interface would let anyone
     who reaches this machine submit work to the cluster, which means running code."""
@@ -305,6 +305,8 @@ def test_local_ray_cluster_listens_on_loopback_only_and_refuses_a_client_without
     assert outcomes == {"the cluster's token": "answered", "a wrong token": "refused", "no token": "refused"}
 
 
+@pytest.mark.slow
+@RAY_GROUP
 def test_ray_train_ranks_rendezvous_on_loopback_only(ray_cluster, tmp_path):
     """Ray's own torch backend has rank 0 serve torch.distributed's TCPStore on every interface;
     the pipeline's trainer (build_trainer) uses the loopback one on the local cluster."""
@@ -325,6 +327,42 @@ def test_ray_train_ranks_rendezvous_on_loopback_only(ray_cluster, tmp_path):
     listening = {rank: json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)}
     assert len(listening[0]) >= 2, listening  # the store and gloo, at least: the probe sees them
     assert {ip for ips in listening.values() for ip in ips if not is_loopback(ip)} == set(), listening
+
+
+@pytest.mark.slow
+@RAY_GROUP
+def test_state_api_in_a_worker_finds_its_own_cluster_beside_another_ray_instance(ray_cluster):
+    """Ray Train's PlacementGroupCleaner asks the state API whether its controller lives. With a
+    second Ray instance on the machine, the state API's search for "the" cluster failed inside
+    every worker of a local cluster (pipeline.cluster.pin_cluster_address), and the cleaner died
+    with a traceback in the console of each run."""
+    import ray
+    from ray.util.state import get_actor
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", "import sys, ray; ray.init(include_dashboard=False, num_cpus=0, "
+         "object_store_memory=80 * 1024 * 1024); print('up', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # loopback only, as ours
+        | {"RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"})
+    try:
+        assert other.stdout.readline().strip() == "up"
+
+        @ray.remote(num_cpus=0)
+        class Alive:
+            def ping(self):
+                return True
+
+        @ray.remote(num_cpus=0)
+        def state_of(actor_id: str) -> str:
+            return get_actor(actor_id, timeout=30).state
+
+        actor = Alive.remote()
+        ray.get(actor.ping.remote())
+        assert ray.get(state_of.remote(actor._actor_id.hex()), timeout=120) == "ALIVE"
+    finally:
+        other.stdin.close()
+        other.wait(timeout=60)
 
 
 # ---------------------------------------------------------------------------- corrupt inputs
