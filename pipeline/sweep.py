@@ -151,14 +151,14 @@ class ResourceBoundTrials(BasicVariantGenerator):
         pass
 
 
-def progress_table():
-    """Tune's status table, every 30 s and at the end: one row per trial with its strategy,
-    target, seed, last reported step and FID."""
-    from ray import tune
+def progress_table(total: int, extractor: str):
+    """A line per trial that starts, ends or fails, a status line a minute, and Tune's table
+    (strategy, target, seed, last step and FID per trial) at the end."""
+    from msdm.metrics import metric_name
 
-    return tune.CLIReporter(parameter_columns=["strategy", "target", "seed"],
-                            metric_columns={"step": "step", "fid": "FID"}, max_report_frequency=30,
-                            max_progress_rows=100, print_intermediate_tables=True, sort_by_metric=False)
+    from .sweep_progress import SweepProgress
+
+    return SweepProgress(total, metric_name(extractor))
 
 
 @dataclass
@@ -196,7 +196,7 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
                                         reuse_actors=True),
             # Ray Train restarts failed workers (train.max_failures); a trial that still fails is final
             run_config=tune.RunConfig(name=name, storage_path=spec.storage, verbose=1,
-                                      progress_reporter=progress_table(),
+                                      progress_reporter=progress_table(len(trials), spec.params.fid.extractor),
                                       callbacks=sweep_callbacks(spec.params, group=name),
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )

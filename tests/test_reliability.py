@@ -122,7 +122,7 @@ RAY_GROUP = pytest.mark.xdist_group("ray-local")  # the tests sharing this modul
 
 @pytest.mark.slow
 @RAY_GROUP
-def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_checkpoint(ray_cluster, tmp_path):
+def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_checkpoint(ray_cluster, tmp_path, capfd):
     """A real Tune sweep of 2 trials, each a TorchTrainer with 2 CPU workers (DDP over gloo); in
     the first trial to reach step 6, rank 0 dies, and Ray Train restarts the group from step 4.
     Then the sweep runs again as after a kill that lost Tune's record: no trial trains again."""
@@ -136,6 +136,11 @@ def test_sweep_of_two_worker_trials_restarts_a_killed_worker_from_the_last_check
                   "num_workers": 2, "cpus_per_worker": 1}})
     spec = train_spec(p, ArtefactPaths(latents=str(store)), str(tmp_path / "ray" / "sweep"))
     out = run_sweep(spec, tmp_path / "sweep", worker_hooks=crash)
+    # the console: a line as each trial ends, and Tune's table once, at the end
+    console = capfd.readouterr().out.splitlines()
+    assert sum("== Status ==" in line for line in console) == 1
+    assert sorted(line.split("sweep: ")[1].split(" (")[0] for line in console if " finished at step " in line) == [
+        "const x0 seed 0 finished at step 8", "learned x0 seed 0 finished at step 8"]
 
     assert crash.marker.read_text() == f"crashed at step {CRASH_STEP} on rank {CRASH_RANK}\n"  # the fault did happen
     with open(out.trials, newline="") as fh:
@@ -195,8 +200,6 @@ def test_killed_ray_worker_without_restarts_fails_clearly_and_keeps_the_checkpoi
     assert curve_steps(tmp_path / "live")[:2] == [2, 4]
 
 
-@pytest.mark.slow
-@RAY_GROUP
 def console_lines(capfd, until: str, timeout: float = 15.0) -> list[str]:
     """What reached this process's stdout and stderr, read until `until` appears: Ray forwards
     its workers' output to the driver from a thread of its own."""
@@ -208,6 +211,8 @@ def console_lines(capfd, until: str, timeout: float = 15.0) -> list[str]:
     return seen.splitlines()
 
 
+@pytest.mark.slow
+@RAY_GROUP
 def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster, tmp_path, capfd):
     """Ray Train keeps two checkpoints: with the latest (step 8) damaged, a rerun of the run with
     more steps resumes from step 4, not from a dead end and not from scratch."""
