@@ -71,7 +71,7 @@ def read_curve(directory: str | Path) -> list[dict]:
 
 def truncate_curve(directory: Path, up_to_step: int) -> None:
     """Drop every row logged after `up_to_step` (each TSV rewritten atomically)."""
-    for name, path in _metric_files(directory).items():
+    for path in _metric_files(directory).values():
         kept = [(s, v) for s, v in _tsv_rows(path) if s <= up_to_step]
         with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.writer(fh, delimiter="\t", lineterminator="\n")

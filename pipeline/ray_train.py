@@ -45,6 +45,16 @@ class RunSummary:
     metrics: dict
     checkpoint: ray.train.Checkpoint  # the run's last checkpoint, where Ray stored it (not copied)
 
+    def line(self, fid_metric: str) -> str:
+        """'step 4000 (resumed from 3000), 1 worker x 2 threads, fp32; loss -7.369, fid_featurenet 56.59'."""
+        m = self.metrics
+        resumed = f" (resumed from {m['resumed_from_step']})" if m.get("resumed_from_step") else ""
+        workers, threads = m.get("world_size", "?"), m.get("torch_threads", "?")
+        values = [f"{key} {m[value]:.4g}" for key, value in (("loss", "loss"), (fid_metric, "fid"))
+                  if isinstance(m.get(value), (int, float))]
+        return (f"step {m.get('step', '?')}{resumed}, {workers} worker{'s' * (workers != 1)} x {threads} "
+                f"thread{'s' * (threads != 1)}, {m.get('precision', '?')}; {', '.join(values)}")
+
 
 class RayTrainHooks(TrainHooks):
     def __init__(self):

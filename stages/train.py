@@ -42,6 +42,7 @@ def body(params: PipelineParams, args) -> None:
     if args.preset:
         raise ConfigError("--preset only goes with --dry-run; a real run takes its params from params.yaml "
                           "(run a preset with: python -m pipeline.presets PRESET, then the dvc exp run it prints)")
+    from msdm.metrics import metric_name
     from pipeline.cluster import init_ray, require_room
     from pipeline.ray_train import export_final_model, fit
     from pipeline.spec import stage_storage, train_spec
@@ -57,7 +58,7 @@ def body(params: PipelineParams, args) -> None:
     summary = fit(spec)
     export_final_model(spec, summary.checkpoint, args.model)
     atomic_write_json({**summary.metrics, "run_name": spec.name}, args.metrics)
-    print(f"train: {summary.metrics}")
+    print(f"train: {summary.line(metric_name(params.fid.extractor))}; model in {args.model}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,3 +52,18 @@ def test_every_stage_help_names_its_purpose_files_and_params(stage, capsys):
         assert f"--{name.replace('_', '-')}" in text and str(default) in text
     declared = yaml.safe_load(Path("dvc.yaml").read_text())["stages"][stage]["params"]
     assert "Params it reads from params.yaml" in text and all(str(k) in text for k in declared)
+
+
+# ------------------------------------------------------------------------------- summaries
+
+def test_train_summary_line_names_its_numbers():
+    from pipeline.ray_train import RunSummary
+
+    metrics = {"step": 4000, "resumed_from_step": 3000, "world_size": 1, "precision": "fp32", "torch_threads": 2,
+               "loss": -7.3691, "fid": 56.5891}
+    assert RunSummary(metrics, checkpoint=None).line("fid_featurenet") == (
+        "step 4000 (resumed from 3000), 1 worker x 2 threads, fp32; loss -7.369, fid_featurenet 56.59")
+    fresh = {**metrics, "resumed_from_step": 0, "world_size": 2, "torch_threads": 1}
+    del fresh["fid"]
+    assert RunSummary(fresh, checkpoint=None).line("fid_inception") == (
+        "step 4000, 2 workers x 1 thread, fp32; loss -7.369")
