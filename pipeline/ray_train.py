@@ -56,6 +56,25 @@ class RunSummary:
                 f"thread{'s' * (threads != 1)}, {m.get('precision', '?')}; {', '.join(values)}")
 
 
+class CheckpointDirs(Sequence):
+    """`checkpoints` as local directories, each fetched (downloaded, for remote storage) the first
+    time it is read: a resume that loads the latest checkpoint fetches no other."""
+
+    def __init__(self, checkpoints: Sequence, fetch: Callable[[object], Path]):
+        self._checkpoints, self._fetch, self._dirs = list(checkpoints), fetch, {}
+
+    def __len__(self) -> int:
+        return len(self._checkpoints)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # IndexError past the end, which ends iteration
+        if i not in self._dirs:
+            self._dirs[i] = self._fetch(self._checkpoints[i])
+        return self._dirs[i]
+
+
 class RayTrainHooks(TrainHooks):
     def __init__(self):
         import ray.train
@@ -74,24 +93,25 @@ class RayTrainHooks(TrainHooks):
             return model
         return ray.train.torch.prepare_model(model, move_to_device=False)
 
-    def resume_checkpoints(self) -> list[Path]:
+    def resume_checkpoints(self) -> Sequence[Path]:
         """The run's latest checkpoint, then the older ones Ray keeps (CheckpointConfig
-        num_to_keep), newest first: the loop falls back past a damaged one."""
+        num_to_keep), newest first: the loop falls back past a damaged one. From remote storage
+        each is downloaded only when the loop reads it: the latest is usually all it reads."""
         import ray.train
 
         latest = ray.train.get_checkpoint()
         if latest is None:
             return []
-        found = [latest]
         try:
             reported = ray.train.get_all_reported_checkpoints()
         except Exception:  # noqa: BLE001 - no history to offer (e.g. none reported yet): the latest only
             reported = []
-        older = [r for r in reported if r.checkpoint.path != latest.path]
-        found += [r.checkpoint for r in sorted(older, key=lambda r: -int((r.metrics or {}).get("step", -1)))]
-        readable = [self._readable(c) for c in found]
-        # a run stopped by a bad input left a record, not a state: nothing to resume from there
-        return [d for d in readable if not (d / INPUT_ERROR_FILE).is_file()]
+        step_of = {r.checkpoint.path: int((r.metrics or {}).get("step", -1)) for r in reported}
+        older = sorted((r.checkpoint for r in reported if r.checkpoint.path != latest.path),
+                       key=lambda c: -step_of[c.path])
+        # a run stopped by a bad input reported a record (step -1), not a state: nothing to resume from there
+        found = [c for c in (latest, *older) if step_of.get(c.path, 0) >= 0]
+        return CheckpointDirs(found, self._readable)
 
     def _readable(self, checkpoint) -> Path:
         """On local storage the checkpoint is read where Ray keeps it, so an error names that
@@ -239,9 +259,14 @@ def fit(spec: RunSpec, *, progress: bool = True, callbacks: Sequence = (),
         raise TrainingFailedError(f"training run {spec.name} failed: {result.error}") from result.error
     if result.checkpoint is None:
         raise TrainingFailedError(f"training run {spec.name} reported no checkpoint")
-    with result.checkpoint.as_directory() as checkpoint_dir:
-        error_file = Path(checkpoint_dir) / INPUT_ERROR_FILE
-        input_error = json.loads(error_file.read_text())["error"] if error_file.is_file() else None
+    # the record of a bad input is reported with step -1; only then is the checkpoint read (a
+    # remote one is downloaded, which for a large model's state is worth avoiding)
+    input_error = None
+    if int((result.metrics or {}).get("step", 0)) < 0:
+        with result.checkpoint.as_directory() as checkpoint_dir:
+            error_file = Path(checkpoint_dir) / INPUT_ERROR_FILE
+            input_error = (json.loads(error_file.read_text())["error"] if error_file.is_file()
+                           else "a bad input, whose record is missing")
     if input_error is not None:
         raise TrainingFailedError(f"training run {spec.name} stopped: {input_error} (not retried: a restart would "
                                   f"fail the same way)")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -147,6 +148,31 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(data, tmp_path
         resumed = loop(params, data, KeepEveryCheckpoint(tmp_path / "ckpts"), tmp_path / "resumed")
     assert [r["step"] for r in read_curve(tmp_path / "resumed")] == [4, 8, 12]
     assert resumed.curve[-1]["fid"] == pytest.approx(straight.curve[-1]["fid"], rel=1e-6)
+
+
+def test_a_resume_fetches_only_the_checkpoints_it_reads(data, tmp_path):
+    """From remote storage every checkpoint is a download: the latest intact one is the only
+    one fetched, and a damaged latest costs one more (pipeline.ray_train.CheckpointDirs)."""
+    from msdm.diffusion_training import load_resume_state
+    from pipeline.ray_train import CheckpointDirs
+
+    params = replace(tiny_params(checkpoint_every=4), "eval", every=4)
+    saved = KeepEveryCheckpoint(tmp_path / "remote")
+    loop(params, data, saved, tmp_path / "live")
+    fetched = []
+
+    def download(remote: Path) -> Path:
+        fetched.append(remote.name)
+        return Path(shutil.copytree(remote, Path(tempfile.mkdtemp(dir=tmp_path)) / remote.name))
+
+    assert load_resume_state(CheckpointDirs(saved.resume_checkpoints(), download))["step"] == 12
+    assert fetched == ["step-12"]
+    damaged = tmp_path / "remote" / "step-12" / CHECKPOINT_FILE
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    fetched.clear()
+    with pytest.warns(RuntimeWarning, match="resuming from the checkpoint before it"):
+        assert load_resume_state(CheckpointDirs(saved.resume_checkpoints(), download))["step"] == 8
+    assert fetched == ["step-12", "step-8"]
 
 
 def test_with_no_readable_checkpoint_left_the_run_starts_over_and_says_so(data, tmp_path):
