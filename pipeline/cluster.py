@@ -20,6 +20,10 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # where stdout is wrapped (as Ray's log forwarding wraps it), prints as well: every progress
 # line reached the console twice. Unpatched, a worker's print is forwarded to the driver once.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# Ray folds lines from different processes that differ only in their numbers into one "[repeated
+# Nx across cluster]" line: two sweep trials' `eval[const] step 100/300  fid_featurenet ...` lines,
+# or a restarted worker's progress lines after the dead one's, lost their values. Ours are exempt.
+os.environ.setdefault("RAY_DEDUP_LOGS_ALLOW_REGEX", r"^(train|eval)\[[^]]*\] step ")
 
 
 def close_local_cluster() -> None:

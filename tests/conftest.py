@@ -2,6 +2,8 @@
 2-core CI machine also runs Ray workers and stage subprocesses)."""
 import torch
 
+import pipeline  # noqa: F401 - Ray's environment settings (pipeline.cluster), before any test module imports Ray
+
 torch.set_num_threads(1)
 
 # The longest files first: under `pytest -n auto --dist loadfile` (make test) each goes to its

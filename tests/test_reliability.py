@@ -244,6 +244,31 @@ def test_a_damaged_latest_ray_checkpoint_resumes_from_the_one_before(ray_cluster
 
 @pytest.mark.slow
 @RAY_GROUP
+def test_progress_lines_from_several_processes_all_reach_the_console(ray_cluster, capfd):
+    """Ray folds lines that differ only in their numbers, from two or more processes, into one
+    "[repeated Nx across cluster]" line: two sweep trials' evaluations, or a restarted worker's
+    progress after the dead one's, lost their values (pipeline.cluster exempts ours)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Printer:
+        def say(self, line: str) -> int:
+            print(line, flush=True)
+            return os.getpid()
+
+    first, second = Printer.remote(), Printer.remote()
+    lines = [f"eval[const] step {step}/300  fid_featurenet {fid}" for step, fid in ((100, 123.4), (100, 567.8),
+                                                                                  (200, 91.2))]
+    pids = {ray.get(first.say.remote(lines[0])), ray.get(second.say.remote(lines[1])),
+            ray.get(second.say.remote(lines[2]))}
+    assert len(pids) == 2
+    console = console_lines(capfd, until=lines[2])
+    assert [line for line in lines if any(line in seen for seen in console)] == lines
+    assert not [line for line in console if "repeated" in line]
+
+
+@pytest.mark.slow
+@RAY_GROUP
 def test_failed_sweep_trials_fail_the_sweep_with_their_error(ray_cluster, tmp_path):
     from pipeline.errors import PipelineError
     from pipeline.spec import ArtefactPaths, train_spec
