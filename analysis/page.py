@@ -18,6 +18,18 @@ def _fmt(value, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def time_line(time: dict | None, sweep: dict) -> str:
+    """The sweep's time, from trials.csv: the study's cost on the machine the page names."""
+    if not time:
+        return "- **Time:** not recorded (no `seconds` in trials.csv)."
+    at_once = sweep.get("num_workers", 1) * sweep.get("cpus_per_worker", 1)
+    wall = (f"; {time['wall_seconds'] / 60:.1f} min from the first trial's start to the last one's end "
+            f"(trials run side by side where the CPUs allow: each takes {at_once} CPU(s))"
+            if time.get("wall_seconds") is not None else "; the span of the sweep is not recorded")
+    return (f"- **Time:** {time['trials']} trials, {time['run_seconds'] / 60:.1f} min of Train runs added up "
+            f"(`seconds` in trials.csv){wall}.")
+
+
 def results_markdown(report: dict, run: dict) -> str:
     """`report`: what stages.report builds; `run`: analysis.report.run_description (commit, machine,
     the sweep section, train batch size and lr, the sampler)."""
@@ -34,6 +46,7 @@ def results_markdown(report: dict, run: dict) -> str:
         f"({', '.join(map(str, s['seeds']))}), targets {', '.join(s['targets'])}, "
         f"strategies {', '.join(s['strategies'])}; model {s['preset']}, batch {run['batch_size']}, "
         f"lr {run['lr']}.",
+        time_line(report.get("time"), s),
         f"- **Measure:** `{report['metric']}` of the EMA weights on {s['num_samples']} samples every "
         f"{s['eval_every']} steps, sampler {run['sampler']}. The speedup of a strategy on one seed is the "
         f"steps const needs to reach its own final FID divided by the steps the strategy needs "

@@ -3,7 +3,7 @@
     .venv/bin/python -m analysis.readme            # rewrite README.md's results block
     .venv/bin/python -m analysis.readme --check    # exit 1 if the block differs (the tests run this)
 
-The block sits between the two markers below and holds the run line, the budget line and the
+The block sits between the two markers below and holds the run, budget and time lines and the
 verdict table of docs/results.md, and the verdict line of docs/results_multispace.md.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ BEGIN, END = "<!-- results:begin (python -m analysis.readme) -->", "<!-- results
 
 def results_block(results_page: str, ablation_page: str | None) -> str:
     lines = results_page.splitlines()
-    keep = [line for line in lines if line.startswith(("- **Run:**", "- **Budget:**"))]
+    keep = [line for line in lines if line.startswith(("- **Run:**", "- **Budget:**", "- **Time:**"))]
     table: list[str] = []
     for line in lines[lines.index("## Verdicts"):]:  # the first table after the heading
         if line.startswith("|"):

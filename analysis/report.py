@@ -43,6 +43,26 @@ def build_report(tables: dict[str, dict], budgets: dict[str, dict], metric: str)
     return metrics, report
 
 
+def sweep_time(trials_path: str | Path) -> dict | None:
+    """How long the sweep's trials ran, from trials.csv (None without it): `trials`,
+    `run_seconds` (their Train runs' wall times added up) and `wall_seconds`, from the first
+    trial's start to the last one's end (None where the trials predate `finished_at`)."""
+    try:
+        trials = pd.read_csv(trials_path)
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return None
+    if trials.empty or "seconds" not in trials.columns:
+        return None
+    seconds = pd.to_numeric(trials["seconds"], errors="coerce")
+    wall = None
+    if "finished_at" in trials.columns:
+        ends = pd.to_datetime(trials["finished_at"], utc=True, errors="coerce")
+        starts = ends - pd.to_timedelta(seconds, unit="s")
+        if ends.notna().all() and starts.notna().all():
+            wall = round((ends.max() - starts.min()).total_seconds(), 1)
+    return {"trials": int(len(trials)), "run_seconds": round(float(seconds.sum()), 1), "wall_seconds": wall}
+
+
 def run_description(params) -> dict:
     """What the results page names as its source: commit, machine, and the settings it ran."""
     import os

@@ -118,7 +118,8 @@ def _trial(config: dict, worker_hooks=None) -> dict | None:
     summary = fit(spec, progress=False, callbacks=[TuneReportCallback()], worker_hooks=worker_hooks,
                   log_to_wandb=False)
     atomic_write_json({"run": run_identity(spec), "name": spec.name, "metrics": summary.metrics,
-                       "seconds": round(time.perf_counter() - start, 1)}, record)
+                       "seconds": round(time.perf_counter() - start, 1),
+                       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, record)
     return None
 
 
@@ -222,13 +223,14 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
         frames.append(curve)
         last = curve.iloc[-1]
         reported = result.metrics or {}
+        record = read_finished(trial_dir(out_dir, strategy, target, seed) / FINISHED_FILE)
         rows.append({"strategy": strategy, "target": target, "seed": seed, "status": "ok",
                      "final_fid": float(last.get("fid", float("nan"))), "metric": str(last.get("metric", "fid")),
                      "steps": int(last["step"]),
                      # the run's wall time, from its completion record (also for a trial kept
                      # from before an interruption)
-                     "seconds": run_seconds(read_finished(trial_dir(out_dir, strategy, target, seed) / FINISHED_FILE),
-                                            reported.get("time_total_s", float("nan"))),
+                     "seconds": run_seconds(record, reported.get("time_total_s", float("nan"))),
+                     "finished_at": str(record.get("finished_at", "")),  # UTC; the report's sweep time
                      "world_size": int(reported.get("world_size", 0)),
                      # where the last attempt picked the run up (0: it ran straight through)
                      "resumed_from_step": int(reported.get("resumed_from_step", 0)),

@@ -1,6 +1,7 @@
 """`python -m stages.report`: speedup table and convergence plots from the strategy sweep.
 
-Reads  results/sweep/curves.csv, results/sweep/trials.csv, params.yaml (diffusion.timesteps)
+Reads  results/sweep/curves.csv, results/sweep/trials.csv (the metric's name, and each trial's
+       seconds and end time: the sweep's time on the page), params.yaml (diffusion.timesteps)
 Writes metrics/speedup.json (numbers: per target and strategy the geometric-mean speedup and
        its bootstrap 95% interval; per claim and target a verdict code, 1 reproduced,
        0 inconclusive, -1 contradicted at this budget), results/report/speedup.json (the same
@@ -36,7 +37,8 @@ from analysis.convergence import (  # noqa: E402
 )
 from analysis.page import results_markdown  # noqa: E402
 from analysis.plots import convergence_figure, speedup_figure, weights_figure  # noqa: E402
-from analysis.report import BASELINE, budget_of, build_report, plot_tables, run_description  # noqa: E402
+from analysis.report import (BASELINE, budget_of, build_report, plot_tables, run_description,  # noqa: E402
+                             sweep_time)
 
 def _save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     by_target = split_by_target(curves)
     tables = {t: speedup_table(c, baseline=BASELINE) for t, c in by_target.items()}
     metrics, report = build_report(tables, {t: budget_of(c) for t, c in by_target.items()}, metric)
+    report["time"] = sweep_time(Path(args.sweep_dir) / "trials.csv")
 
     plots_dir = Path(args.plots_dir)
     _save_figure(convergence_figure(by_target, tables, metric), plots_dir / "convergence.png")

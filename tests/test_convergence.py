@@ -362,10 +362,11 @@ def write_synthetic_sweep(sweep_dir: Path, buckets: int = 10) -> None:
                                  "loss": 0.1, **{f"w_t{b}": w for b, w in enumerate(weights)}})
     sweep_dir.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(rows).to_csv(sweep_dir / "curves.csv", index=False)
+    # 16 trials of 60 s each, ending 30 s apart from 12:00:00: 16 min of runs, 8.5 min from the first start to the last end
     pd.DataFrame([
         {"strategy": s, "target": t, "seed": seed, "status": "ok", "final_fid": 0.0, "metric": "fid_featurenet",
-         "steps": 4000, "seconds": 1.0, "error": ""}
-        for s in rates for t in ("x0", "eps") for seed in (0, 1)
+         "steps": 4000, "seconds": 60.0, "finished_at": f"2026-12-03T12:{i // 2:02d}:{30 * (i % 2):02d}Z", "error": ""}
+        for i, (s, t, seed) in enumerate((s, t, seed) for s in rates for t in ("x0", "eps") for seed in (0, 1))
     ]).to_csv(sweep_dir / "trials.csv", index=False)
 
 
@@ -420,6 +421,11 @@ def test_report_stage_writes_numbers_verdicts_table_and_plots(report_paths, caps
     assert "| learned | – | [–, 1.00] | <1.00, <1.00 |" in page
     assert re.search(r"commit `[0-9a-f]{7,}`", page) and "cores (" in page
     assert "[results_multispace.md](results_multispace.md)" in page  # the multi-space claim's own page
+    # what the sweep cost, from trials.csv
+    assert json.loads((report_paths / "report/speedup.json").read_text())["time"] == {
+        "trials": 16, "run_seconds": 960.0, "wall_seconds": 510.0}
+    assert ("- **Time:** 16 trials, 16.0 min of Train runs added up (`seconds` in trials.csv); 8.5 min from the "
+            "first trial's start to the last one's end") in page
 
     table = pd.read_csv(report_paths / "report/speedup.csv")
     assert set(table["strategy"]) == {"const", "min_snr", "dysigma", "learned"}

@@ -65,7 +65,9 @@ def test_every_output_is_written(repo):
         trials = list(csv.DictReader(fh))
     # every trial was a Ray Train run with the sweep's worker group (sweep.num_workers: 1 here)
     assert [(t["strategy"], int(t["world_size"])) for t in trials] == [("const", 1), ("dysigma", 1)]
-    assert "## Verdicts" in (repo / "docs/results.md").read_text()
+    assert all(time.strptime(t["finished_at"], "%Y-%m-%dT%H:%M:%SZ") for t in trials)
+    page = (repo / "docs/results.md").read_text()
+    assert "## Verdicts" in page and "- **Time:** 2 trials, " in page and "from the first trial's start" in page
     for png in ("plots/reconstructions.png", "plots/samples.png", "docs/results/convergence.png",
                 "docs/results/speedups.png", "docs/results/weights.png"):
         assert (repo / png).stat().st_size > 5000, png
