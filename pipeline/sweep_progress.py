@@ -24,6 +24,11 @@ def fid_text(result: dict, metric: str) -> str:
     return f", {metric} {fid:.1f}" if isinstance(fid, (int, float)) else ""
 
 
+def where(trial: Trial) -> str:
+    step = (trial.last_result or {}).get("step")
+    return f"at step {step}" if step is not None else "starting (no step reported yet)"
+
+
 def elapsed_text(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
@@ -79,7 +84,7 @@ class SweepProgress(CLIReporter):
                            f"its error follows at the end)")
         if not done and now - self.last_line >= self.every_s:
             running = [t for t in trials if t.status == Trial.RUNNING]
-            at = "; ".join(f"{trial_label(t)} at step {(t.last_result or {}).get('step', 0)}" for t in running)
+            at = "; ".join(f"{trial_label(t)} {where(t)}" for t in running)
             out.append(f"sweep: {finished}/{total} trials done, {len(running)} running"
                        f"{': ' + at if at else ''}  [{elapsed_text(now - self.start)}]")
         if out:

@@ -69,3 +69,14 @@ def test_a_restored_sweep_reports_afresh(clock):
     restored.report([trial(0, Trial.TERMINATED, step=8), trial(1, Trial.RUNNING)], False)
     assert restored.printed == ["sweep: const x0 seed 0 finished at step 8 (1/2 trials done)",
                                 "sweep: const x0 seed 1 started"]
+
+
+def test_a_trial_that_reported_nothing_yet_is_starting(clock):
+    progress = recorded(1, every_s=60)
+    trials = [trial(0, Trial.RUNNING)]
+    progress.report(trials, False)
+    clock[0] += 61
+    progress.printed.clear()
+    progress.report(trials, False)
+    assert progress.printed == ["sweep: 0/1 trials done, 1 running: const x0 seed 0 starting (no step reported yet)"
+                                "  [1m01s]"]
