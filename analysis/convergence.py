@@ -15,8 +15,10 @@ a strategy with the very same curve as const at exactly 1.0x.
 
 Across seeds: the mean, sample std (ddof=1), min and max of the speedups of the seeds
 that reached their target, and (`speedup_interval`) the geometric mean with a bootstrap 95%
-interval in log-speedup space, where censored seeds enter as bounds, not numbers. A strategy
-that never reaches the target gets the text "not reached", never a number. `claim_verdict`
+interval in log-speedup space, where censored seeds enter as bounds, not numbers. The
+geometric mean itself is a number only when no seed is censored; otherwise it is reported as
+the bound the censored seeds put on it ("below 0.93x"). A strategy that never reaches the
+target gets the text "not reached", never a number. `claim_verdict`
 turns an interval into reproduced / contradicted at this budget / inconclusive.
 
 Two cases the formula alone would report as ordinary numbers:
@@ -260,6 +262,9 @@ def speedup_interval(per_seed: Sequence[dict], *, level: float = 0.95, resamples
     makes the high end unbounded; "not reached" (true < baseline_steps / last step) enters the
     high end at that bound and makes the low end unbounded. Inconclusive seeds and seeds
     without a curve are left out. Unbounded ends are None.
+
+    `geo_mean` is None as soon as one usable seed is censored; `geo_mean_low`/`geo_mean_high`
+    are the bounds on it (the mean of the seeds' low and high ends), equal to it otherwise.
     """
     bounds: list[tuple[float, float]] = []  # (low, high) log-speedup of each usable seed
     exact = []
@@ -272,8 +277,14 @@ def speedup_interval(per_seed: Sequence[dict], *, level: float = 0.95, resamples
         elif e["status"] == STATUS_NOT_REACHED and e.get("speedup_upper_bound"):
             bounds.append((-math.inf, math.log(e["speedup_upper_bound"])))
     low, high = [b[0] for b in bounds], [b[1] for b in bounds]
-    out = {"geo_mean": float(math.exp(np.mean(exact))) if exact else None, "ci_low": None, "ci_high": None,
-           "ci_level": level, "ci_seeds": len(low)}
+    # The geometric mean over the usable seeds is a number only when none is censored; otherwise
+    # the censored seeds bound it (a mean over seeds of their low and high ends), and dropping
+    # them would report the reached seeds' mean as the strategy's.
+    censored = len(exact) < len(bounds)
+    out = {"geo_mean": float(math.exp(np.mean(exact))) if exact and not censored else None,
+           "geo_mean_low": _exp_or_none(np.mean(low)) if bounds else None,
+           "geo_mean_high": _exp_or_none(np.mean(high)) if bounds else None,
+           "ci_low": None, "ci_high": None, "ci_level": level, "ci_seeds": len(low)}
     if len(low) < 2:  # one seed has no spread to resample
         return out
     idx = np.random.default_rng(rng_seed).integers(0, len(low), size=(resamples, len(low)))
@@ -282,9 +293,13 @@ def speedup_interval(per_seed: Sequence[dict], *, level: float = 0.95, resamples
     # inverted-CDF percentile picks a draw instead of interpolating (inf - inf would be NaN)
     lo = float(np.quantile(np.asarray(low)[idx].mean(axis=1), alpha, method="inverted_cdf"))
     hi = float(np.quantile(np.asarray(high)[idx].mean(axis=1), 1 - alpha, method="inverted_cdf"))
-    out["ci_low"] = float(math.exp(lo)) if math.isfinite(lo) else None
-    out["ci_high"] = float(math.exp(hi)) if math.isfinite(hi) else None
+    out["ci_low"], out["ci_high"] = _exp_or_none(lo), _exp_or_none(hi)
     return out
+
+
+def _exp_or_none(log_value: float) -> float | None:
+    """A speedup from a log-speedup; None for an unbounded end (+-inf)."""
+    return float(math.exp(log_value)) if math.isfinite(log_value) else None
 
 
 VERDICT_REPRODUCED = "reproduced"
@@ -316,14 +331,38 @@ def claim_verdict(entry: dict | None, claimed: float) -> str | None:
     return VERDICT_REPRODUCED if hi >= claimed else VERDICT_CONTRADICTED
 
 
-def interval_text(entry: dict) -> str:
-    """'1.84x [1.21, 2.73] 95% CI over 3 seeds' with unbounded ends shown as 0 or inf."""
-    mean = "no mean (censored seeds)" if entry["geo_mean"] is None else f"{entry['geo_mean']:.2f}x"
+def geo_mean_text(entry: dict, unit: str = "x") -> str:
+    """The geometric mean, or what the censored seeds say of it: 'below 0.93x' when seeds did
+    not reach (upper bounds), 'at least 8.00x' when seeds reached by the first eval (lower
+    bounds), '–' when neither end is bounded or no seed is usable."""
+    if entry["geo_mean"] is not None:
+        return f"{entry['geo_mean']:.2f}{unit}"
+    low, high = entry.get("geo_mean_low"), entry.get("geo_mean_high")
+    if high is not None and low is None:
+        return f"below {high:.2f}{unit}"
+    if low is not None and high is None:
+        return f"at least {low:.2f}{unit}"
+    return "–"
+
+
+def ci_text(entry: dict) -> str:
+    """'[1.21, 2.73]', with unbounded ends shown as 0 or inf (the speedup of a log-speedup of -+inf)."""
     lo = "0" if entry["ci_low"] is None else f"{entry['ci_low']:.2f}"
     hi = "inf" if entry["ci_high"] is None else f"{entry['ci_high']:.2f}"
+    return f"[{lo}, {hi}]"
+
+
+def interval_text(entry: dict) -> str:
+    """'1.84x [1.21, 2.73] 95% CI over 3 seeds'; with censored seeds 'no mean (censored seeds:
+    below 0.93x) [0, 1.02] 95% CI over 3 seeds'."""
+    if entry["geo_mean"] is not None:
+        mean = f"{entry['geo_mean']:.2f}x"
+    else:
+        bound = geo_mean_text(entry)
+        mean = "no mean (censored seeds)" if bound == "–" else f"no mean (censored seeds: {bound})"
     if entry["ci_seeds"] < 2:
         return f"{mean} (no interval: {entry['ci_seeds']} usable seed(s))"
-    return f"{mean} [{lo}, {hi}] {entry['ci_level']:.0%} CI over {entry['ci_seeds']} seeds"
+    return f"{mean} {ci_text(entry)} {entry['ci_level']:.0%} CI over {entry['ci_seeds']} seeds"
 
 
 def split_by_target(curves: pd.DataFrame) -> dict[str, pd.DataFrame]:

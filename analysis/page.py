@@ -6,16 +6,13 @@ named at the top (git commit, params, machine), so a page in git always says whe
 """
 from __future__ import annotations
 
-from .convergence import VERDICT_CONTRADICTED, VERDICT_INCONCLUSIVE, VERDICT_REPRODUCED, interval_text
+from .convergence import (VERDICT_CONTRADICTED, VERDICT_INCONCLUSIVE, VERDICT_REPRODUCED, ci_text, geo_mean_text,
+                          interval_text)
 
 RULE = (f"**The rule** (docs/method.md): per claim and target, the speedup's bootstrap 95% interval over "
         f"seeds, in log-speedup space. *{VERDICT_REPRODUCED}*: the interval contains the claim or lies above "
         f"it. *{VERDICT_CONTRADICTED}*: it lies below the claim. *{VERDICT_INCONCLUSIVE}*: otherwise, and "
         f"always when a seed did not reach const's final FID, or fewer than two seeds give an interval.")
-
-
-def _fmt(value, spec: str = ".2f") -> str:
-    return "–" if value is None else format(value, spec)
 
 
 def time_line(time: dict | None, sweep: dict) -> str:
@@ -74,8 +71,7 @@ def results_markdown(report: dict, run: dict) -> str:
                 f"{p['speedup']:.2f}" if p["speedup"] is not None
                 else (f"<{p['speedup_upper_bound']:.2f}" if p.get("speedup_upper_bound") else p["status"])
                 for p in e["per_seed"])
-            lines.append(f"| {strategy} | {_fmt(e['geo_mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] "
-                         f"| {per_seed} | {e['summary']} |")
+            lines.append(f"| {strategy} | {geo_mean_text(e, unit='')} | {ci_text(e)} | {per_seed} | {e['summary']} |")
         targets = ", ".join(f"{t['target_fid']:.1f}" for t in table["targets"])
         lines += ["", f"const's final {report['metric']} per seed (the FID to reach): {targets}.", ""]
     lines += [

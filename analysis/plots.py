@@ -9,8 +9,8 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
-from .convergence import (PAPER_SPEEDUPS, bucket_centres, interval_text, mean_curves, strategy_order,
-                          weight_columns, weight_profiles)
+from .convergence import (PAPER_SPEEDUPS, bucket_centres, geo_mean_text, interval_text, mean_curves,
+                          strategy_order, weight_columns, weight_profiles)
 
 
 def strategy_colors(strategies: list[str]) -> dict[str, tuple]:
@@ -88,8 +88,9 @@ def weights_figure(curves: pd.DataFrame, baseline: str, timesteps: int, target: 
 def speedup_figure(tables: dict[str, dict], metric: str):
     """Geometric-mean speedup vs const with its 95% interval, one group of bars per target.
 
-    Censored seeds are not drawn as numbers: a strategy without a geometric mean gets an empty,
-    labelled slot; an unbounded interval end is drawn as an arrow to the axis edge.
+    Censored seeds are not drawn as numbers: a strategy whose mean they censor gets a hatched,
+    unfilled bar up to the bound they put on it, labelled 'below ...' or 'at least ...', and its
+    interval as a line without a mean; an unbounded interval end reaches the axis edge.
     """
     targets = list(tables)
     strategies = list(dict.fromkeys(s for t in targets for s in tables[t]["strategies"]
@@ -98,7 +99,7 @@ def speedup_figure(tables: dict[str, dict], metric: str):
     width = 0.8 / max(len(strategies), 1)
     fig, ax = plt.subplots(figsize=(max(7, 2.4 * len(targets) + 3), 5), dpi=120)
     finite = [v for t in targets for e in tables[t]["strategies"].values()
-              for v in (e["ci_high"], e["geo_mean"]) if v is not None]
+              for v in (e["ci_high"], e["geo_mean"], e.get("geo_mean_low")) if v is not None]
     top = max(finite + list(PAPER_SPEEDUPS.values())) * 1.25
     for ti, target in enumerate(targets):
         for si, strategy in enumerate(strategies):
@@ -106,17 +107,23 @@ def speedup_figure(tables: dict[str, dict], metric: str):
             x = ti + (si - (len(strategies) - 1) / 2) * width
             if entry is None:
                 continue
-            if entry["geo_mean"] is None:
-                ax.bar(x, top * 0.02, width * 0.9, color="none", edgecolor=colors[strategy], hatch="//",
-                       label=strategy if ti == 0 else None)
-                ax.text(x, top * 0.03, "not\nreached", ha="center", va="bottom", fontsize=6, color=colors[strategy])
-                continue
             lo = entry["ci_low"] if entry["ci_low"] is not None else 0.0
             hi = entry["ci_high"] if entry["ci_high"] is not None else top
-            ax.bar(x, entry["geo_mean"], width * 0.9, color=colors[strategy], alpha=0.8,
-                   label=strategy if ti == 0 else None)
-            ax.errorbar(x, entry["geo_mean"], yerr=[[entry["geo_mean"] - lo], [max(hi - entry["geo_mean"], 0)]],
-                        fmt="none", ecolor="black", capsize=3, linewidth=1)
+            if entry["geo_mean"] is None:
+                bound, low, high = geo_mean_text(entry), entry.get("geo_mean_low"), entry.get("geo_mean_high")
+                edge = high if low is None else low if high is None else None
+                height = edge if edge is not None else top * 0.02
+                ax.bar(x, height, width * 0.9, color="none", edgecolor=colors[strategy], hatch="//",
+                       label=strategy if ti == 0 else None)
+                ax.text(x, height + top * 0.01, "censored:\n" + bound.replace(" ", "\n", 1) if edge else "no mean",
+                        ha="center", va="bottom", fontsize=6, color=colors[strategy])
+                if entry["ci_seeds"] >= 2:
+                    ax.plot([x, x], [lo, hi], color="black", linewidth=1, marker="_", ms=6)
+            else:
+                ax.bar(x, entry["geo_mean"], width * 0.9, color=colors[strategy], alpha=0.8,
+                       label=strategy if ti == 0 else None)
+                ax.errorbar(x, entry["geo_mean"], yerr=[[entry["geo_mean"] - lo], [max(hi - entry["geo_mean"], 0)]],
+                            fmt="none", ecolor="black", capsize=3, linewidth=1)
             per_seed = [e["speedup"] for e in entry["per_seed"] if e["speedup"] is not None]
             ax.plot([x] * len(per_seed), per_seed, "k.", ms=4)
     for strategy, claimed in PAPER_SPEEDUPS.items():
@@ -128,7 +135,8 @@ def speedup_figure(tables: dict[str, dict], metric: str):
     ax.set_xticks(range(len(targets)), [f"target {t}" for t in targets])
     ax.set_ylim(0, top)
     ax.set_ylabel(f"speedup vs const of the same target\n(steps to reach its final {metric})")
-    ax.set_title("Geometric mean over seeds, bar = bootstrap 95% interval, dots = seeds")
+    ax.set_title("Geometric mean over seeds (hatched: censored seeds bound it),\n"
+                 "whiskers = bootstrap 95% interval, dots = seeds that reached")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     fig.tight_layout()
     return fig

@@ -10,6 +10,10 @@ import pandas as pd
 from .convergence import CLAIM_NAMES, PAPER_SPEEDUPS, VERDICT_CODES, claim_verdict, interval_text
 
 BASELINE = "const"
+# Per strategy and target: the geometric mean over seeds (None when a seed is censored), the
+# bounds censored seeds put on it (equal to it when none is), and the bootstrap interval's ends
+# (None where unbounded).
+SPEEDUP_NUMBERS = ("geo_mean", "geo_mean_low", "geo_mean_high", "ci_low", "ci_high")
 
 
 def budget_of(curves: pd.DataFrame) -> dict:
@@ -23,8 +27,7 @@ def build_report(tables: dict[str, dict], budgets: dict[str, dict], metric: str)
     report = {"metric": metric, "baseline": BASELINE, "budgets": budgets, "tables": tables, "claims": []}
     for target, table in tables.items():
         metrics["speedup"][target] = {
-            strategy: {"geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
-                       "seeds_reached": e["reached"], "seeds": e["n_seeds"]}
+            strategy: {**{k: e[k] for k in SPEEDUP_NUMBERS}, "seeds_reached": e["reached"], "seeds": e["n_seeds"]}
             for strategy, e in table["strategies"].items() if strategy != table["baseline"]}
     for strategy, claimed in PAPER_SPEEDUPS.items():
         for target, table in tables.items():
@@ -97,8 +100,8 @@ def plot_tables(curves_by_target: dict[str, pd.DataFrame], tables: dict[str, dic
 
     - curves: target, strategy, step, fid_mean (over seeds), fid_min, fid_max, n_seeds;
     - weights: target, strategy, t, weight (mean over seeds at each run's last eval);
-    - speedups: label (target/strategy), target, strategy, geo_mean, ci_low, ci_high (empty where
-      censored seeds leave no number), seeds_reached, seeds.
+    - speedups: label (target/strategy), target, strategy, geo_mean, geo_mean_low, geo_mean_high,
+      ci_low, ci_high (empty where censored seeds leave no number), seeds_reached, seeds.
     """
     from .convergence import bucket_centres, mean_curves, weight_columns, weight_profiles
 
@@ -114,10 +117,10 @@ def plot_tables(curves_by_target: dict[str, pd.DataFrame], tables: dict[str, dic
         for strategy, e in table["strategies"].items():
             if strategy != table["baseline"]:
                 speedups.append({"label": f"{target}/{strategy}", "target": target, "strategy": strategy,
-                                 "geo_mean": e["geo_mean"], "ci_low": e["ci_low"], "ci_high": e["ci_high"],
+                                 **{k: e[k] for k in SPEEDUP_NUMBERS},
                                  "seeds_reached": e["reached"], "seeds": e["n_seeds"]})
     curve_columns = ["target", "strategy", "step", "fid_mean", "fid_min", "fid_max", "n_seeds"]
     return {"curves": pd.concat(curves, ignore_index=True)[curve_columns],
             "weights": pd.concat(weights, ignore_index=True),
-            "speedups": pd.DataFrame(speedups, columns=["label", "target", "strategy", "geo_mean", "ci_low",
-                                                        "ci_high", "seeds_reached", "seeds"])}
+            "speedups": pd.DataFrame(speedups, columns=["label", "target", "strategy", *SPEEDUP_NUMBERS,
+                                                        "seeds_reached", "seeds"])}

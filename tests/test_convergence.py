@@ -19,6 +19,7 @@ from analysis.convergence import (
     SweepResultsError,
     bucket_centres,
     claim_verdict,
+    geo_mean_text,
     interval_text,
     mean_curves,
     read_sweep,
@@ -248,6 +249,7 @@ def test_lower_bounds_settle_a_claim_only_from_above():
     table = speedup_table(pd.DataFrame(rows))
     dysigma = table["strategies"]["dysigma"]  # reached by the first eval: >= 8x on both seeds
     assert dysigma["ci_low"] == pytest.approx(8.0) and dysigma["ci_high"] is None
+    assert dysigma["geo_mean"] is None and geo_mean_text(dysigma) == "at least 8.00x"
     assert claim_verdict(dysigma, 3.7) == "reproduced"  # a bound above the claim settles it
     assert claim_verdict(dysigma, 9.0) == "inconclusive"  # a bound below the claim settles nothing
     min_snr = table["strategies"]["min_snr"]  # reached at step 200 by interpolation: 4x on both seeds
@@ -276,8 +278,13 @@ def test_not_reached_is_censored_never_a_number(sweep):
     assert [e["speedup_upper_bound"] for e in slow["per_seed"]] == [1.0, 1.0, 1.0]
     assert slow["geo_mean"] is None and slow["ci_low"] is None and slow["ci_high"] == pytest.approx(1.0)
     assert claim_verdict(slow, 3.7) == "inconclusive"  # always, when a seed did not reach
+    assert (slow["geo_mean_low"], slow["geo_mean_high"]) == (None, pytest.approx(1.0))
     partial = table["strategies"]["partial"]  # 2x on seed 0, not reached on seeds 1 and 2
     assert partial["ci_low"] is None and partial["ci_high"] == pytest.approx(2.0)
+    # the one reached seed's 2x is not the strategy's mean: the censored seeds (< 1x) bound it
+    assert partial["geo_mean"] is None and partial["geo_mean_low"] is None
+    assert partial["geo_mean_high"] == pytest.approx(2 ** (1 / 3))
+    assert interval_text(partial) == "no mean (censored seeds: below 1.26x) [0, 2.00] 95% CI over 3 seeds"
     assert claim_verdict(partial, 1.5) == "inconclusive"
     missing = table["strategies"]["missing"]  # no curve for seed 2
     assert claim_verdict(missing, 1.5) == "inconclusive"
@@ -418,7 +425,8 @@ def test_report_stage_writes_numbers_verdicts_table_and_plots(report_paths, caps
            "**reproduced** |" in page
     assert "| Min-SNR-5 (Hang et al. 2023) | eps | 3.4x | 1.33x [1.33, 1.33] 95% CI over 2 seeds | 2/2 | " \
            "**contradicted at this budget** |" in page
-    assert "| learned | – | [–, 1.00] | <1.00, <1.00 |" in page
+    # censored seeds: no mean, the bound they put on it, and the same interval ends as the verdict table
+    assert "| learned | below 1.00 | [0, 1.00] | <1.00, <1.00 |" in page
     assert re.search(r"commit `[0-9a-f]{7,}`", page) and "cores (" in page
     assert "[results_multispace.md](results_multispace.md)" in page  # the multi-space claim's own page
     # what the sweep cost, from trials.csv
