@@ -213,10 +213,22 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
 def collect(grid, out_dir: Path) -> SweepOutputs:
     """Merge every trial's curve into curves.csv and summarise trials into trials.csv."""
     frames, rows = [], []
-    for result in grid:
+    folders = [trial_dir(out_dir, r.config["strategy"], r.config["target"], r.config["seed"]) for r in grid]
+    logged = [read_curve(folder / "live") for folder in folders]
+    missing = [folder for folder, curve in zip(folders, logged) if not curve]
+    if missing:
+        # Tune's record says these trials finished, so a restore does not run them again; their
+        # folders were deleted (by hand: DVC keeps persistent outputs). Nothing is written.
+        experiment = getattr(grid, "experiment_path", None) or "results/ray/sweep"
+        raise SweepFailedError(
+            f"sweep: {len(missing)} trial(s) finished in Ray Tune's record but have no curve: "
+            f"{', '.join(str(m) for m in missing[:3])}{' ...' if len(missing) > 3 else ''}. Delete the Tune "
+            f"experiment {experiment} and rerun the sweep: the trials whose folders hold {FINISHED_FILE} "
+            f"are kept, the others train again")
+    for result, curve_rows in zip(grid, logged):
         cfg = result.config
         strategy, target, seed = cfg["strategy"], cfg["target"], cfg["seed"]
-        curve = pd.DataFrame(read_curve(trial_dir(out_dir, strategy, target, seed) / "live"))
+        curve = pd.DataFrame(curve_rows)
         curve.insert(0, "seed", seed)
         curve.insert(0, "target", target)
         curve.insert(0, "strategy", strategy)

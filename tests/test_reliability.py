@@ -674,3 +674,27 @@ def test_a_trial_that_completed_before_an_interruption_is_not_trained_again(tmp_
     longer = update(p, {"sweep": {"steps": 6}})  # another trial: trained
     config["spec"] = train_spec(longer, ArtefactPaths(latents=str(store)), str(tmp_path / "ray")).to_dict()
     assert _trial(config) is None and len(fits) == 2
+
+
+def test_a_sweep_whose_trial_folders_were_deleted_says_how_to_rerun_them_and_writes_nothing(tmp_path):
+    """Tune's record says the trials finished, so a restore runs none of them; a trial folder
+    deleted by hand leaves no curve to merge. The sweep names the folder and the fix, and the
+    last good curves.csv stays."""
+    from types import SimpleNamespace
+
+    from pipeline.live import METRICS_DIR
+    from pipeline.sweep import SweepFailedError, collect, trial_dir
+
+    out = tmp_path / "sweep"
+    kept = trial_dir(out, "const", "x0", 0) / "live" / METRICS_DIR
+    kept.mkdir(parents=True)
+    (kept / "fid.tsv").write_text("step\tfid\n2\t50.0\n4\t40.0\n")
+    (out / "curves.csv").write_text("the last good curves\n")
+    grid = [SimpleNamespace(config={"strategy": s, "target": "x0", "seed": 0}, metrics={}) for s in ("const", "dysigma")]
+    with pytest.raises(SweepFailedError, match=r"1 trial\(s\) finished in Ray Tune's record but have no curve: "
+                                               r".*dysigma-x0-seed0.*Delete the Tune experiment"):
+        collect(grid, out)
+    assert (out / "curves.csv").read_text() == "the last good curves\n"
+    assert not (out / "trials.csv").exists()
+    collect(grid[:1], out)  # the trial with a curve merges as before
+    assert "40.0" in (out / "curves.csv").read_text()
