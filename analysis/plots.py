@@ -18,6 +18,32 @@ def strategy_colors(strategies: list[str]) -> dict[str, tuple]:
     return {s: palette[i % len(palette)] for i, s in enumerate(strategies)}
 
 
+def step_labels(steps, min_ratio: float = 1.25) -> list[str]:
+    """Labels for ticks at `steps` on a log axis: a step is labelled only when it is at least
+    `min_ratio` times the last labelled one, so evenly spaced evals do not print over each other
+    at the top end (the last step is always labelled, its too-close neighbour not)."""
+    labels, last = [], None
+    for i, step in enumerate(steps):
+        keep = last is None or step >= last * min_ratio
+        if keep and i < len(steps) - 1 and steps[-1] < step * min_ratio:  # leave room for the last
+            keep = False
+        labels.append(f"{step:g}" if keep or i == len(steps) - 1 else "")
+        last = step if labels[-1] else last
+    return labels
+
+
+def step_axis(ax, steps) -> None:
+    """A log step axis with ticks at the evaluated steps (up to 12 of them), else plain numbers."""
+    eval_steps = np.unique(np.asarray(steps))
+    eval_steps = eval_steps[eval_steps > 0]  # a log axis has no step 0
+    if len(eval_steps) <= 12:
+        ax.set_xticks(eval_steps, step_labels(eval_steps))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    else:
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+
+
 def convergence_figure(curves_by_target: dict[str, pd.DataFrame], tables: dict[str, dict], metric: str):
     """One panel per prediction target: mean FID over seeds (log axes), min-max band, the target."""
     targets = list(tables)
@@ -40,8 +66,7 @@ def convergence_figure(curves_by_target: dict[str, pd.DataFrame], tables: dict[s
                    label=f"{table['baseline']} final {metric}, mean over seeds: {goal:.3g}")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        step_axis(ax, curves["step"])
         ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("training step (log scale)")
@@ -163,9 +188,9 @@ def ablation_figure(curves: dict[str, pd.DataFrame], comparison: dict, target: s
         ax.set_title(f"{strategy}: {arms[0]} − {arms[1]} = {interval_of(row['difference'], '+.1f')}", fontsize=9)
         ax.set_xscale("log")
         ax.set_yscale("log")
-        for axis in (ax.xaxis, ax.yaxis):
-            axis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-            axis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
+        step_axis(ax, pd.concat([c["step"] for c in curves.values()]))
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel("training step (log scale)")
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].set_ylabel(f"{metric} (log scale)")

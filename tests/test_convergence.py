@@ -492,3 +492,12 @@ def test_report_cli_missing_curves_names_the_fix(tmp_path):
     assert result.returncode != 0
     assert re.search(r"curves\.csv: not found\. Run the sweep first: dvc repro sweep", result.stderr)
     assert not (tmp_path / "metrics").exists()
+
+
+def test_step_labels_leave_out_the_ticks_that_would_print_over_their_neighbours():
+    from analysis.plots import step_labels
+
+    assert step_labels([150, 300, 450, 600, 750, 900]) == ["150", "300", "450", "600", "", "900"]
+    assert step_labels([100, 200, 300]) == ["100", "200", "300"]
+    assert step_labels([500, 1000, 1500, 2000, 2500, 3000, 3500, 4000]) == \
+        ["500", "1000", "1500", "2000", "2500", "", "", "4000"]
