@@ -59,7 +59,7 @@ def test_notebook_runs_on_sweep_results(tmp_path):
     assert f"KERNEL_PREFIX={sys.prefix}" in text
     assert "metric 'fid_featurenet'" in text
     assert "x0          dysigma: 2.00x [2.00, 2.00] 95% CI over 2 seeds; 2.00x ± 0.00 (2/2 seeds)" in text
-    assert "learned: no mean (censored seeds) [0, 1.00] 95% CI over 2 seeds; not reached (0/2 seeds)" in text
+    assert "learned: no mean (censored seeds: below 1.00x) [0, 1.00] 95% CI over 2 seeds; not reached (0/2 seeds)" in text
     assert "MSDM Dy-Sigma, the authors' code 3.7x, target x0: contradicted at this budget" in text
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if "image/png" in o.get("data", {})]
     assert len(images) == 3  # speedup bars, convergence curves, weight dynamics
