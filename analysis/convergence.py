@@ -355,11 +355,9 @@ def ci_text(entry: dict) -> str:
 def interval_text(entry: dict) -> str:
     """'1.84x [1.21, 2.73] 95% CI over 3 seeds'; with censored seeds 'no mean (censored seeds:
     below 0.93x) [0, 1.02] 95% CI over 3 seeds'."""
-    if entry["geo_mean"] is not None:
-        mean = f"{entry['geo_mean']:.2f}x"
-    else:
-        bound = geo_mean_text(entry)
-        mean = "no mean (censored seeds)" if bound == "–" else f"no mean (censored seeds: {bound})"
+    mean = geo_mean_text(entry)
+    if entry["geo_mean"] is None:
+        mean = "no mean (censored seeds)" if mean == "–" else f"no mean (censored seeds: {mean})"
     if entry["ci_seeds"] < 2:
         return f"{mean} (no interval: {entry['ci_seeds']} usable seed(s))"
     return f"{mean} {ci_text(entry)} {entry['ci_level']:.0%} CI over {entry['ci_seeds']} seeds"

@@ -219,12 +219,12 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
     if missing:
         # Tune's record says these trials finished, so a restore does not run them again; their
         # folders were deleted (by hand: DVC keeps persistent outputs). Nothing is written.
-        experiment = getattr(grid, "experiment_path", None) or "results/ray/sweep"
+        experiment = getattr(grid, "experiment_path", "")  # a ResultGrid knows where Tune keeps it
         raise SweepFailedError(
             f"sweep: {len(missing)} trial(s) finished in Ray Tune's record but have no curve: "
             f"{', '.join(str(m) for m in missing[:3])}{' ...' if len(missing) > 3 else ''}. Delete the Tune "
-            f"experiment {experiment} and rerun the sweep: the trials whose folders hold {FINISHED_FILE} "
-            f"are kept, the others train again")
+            f"experiment{' ' + str(experiment) if experiment else ''} and rerun the sweep: the trials whose "
+            f"folders hold {FINISHED_FILE} are kept, the others train again")
     for result, curve_rows in zip(grid, logged):
         cfg = result.config
         strategy, target, seed = cfg["strategy"], cfg["target"], cfg["seed"]

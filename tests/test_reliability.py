@@ -690,9 +690,13 @@ def test_a_sweep_whose_trial_folders_were_deleted_says_how_to_rerun_them_and_wri
     kept.mkdir(parents=True)
     (kept / "fid.tsv").write_text("step\tfid\n2\t50.0\n4\t40.0\n")
     (out / "curves.csv").write_text("the last good curves\n")
-    grid = [SimpleNamespace(config={"strategy": s, "target": "x0", "seed": 0}, metrics={}) for s in ("const", "dysigma")]
+    class Grid(list):  # what collect reads of a ResultGrid: its results and where Tune keeps them
+        experiment_path = str(tmp_path / "ray" / "sweep-name")
+
+    grid = Grid(SimpleNamespace(config={"strategy": s, "target": "x0", "seed": 0}, metrics={})
+                for s in ("const", "dysigma"))
     with pytest.raises(SweepFailedError, match=r"1 trial\(s\) finished in Ray Tune's record but have no curve: "
-                                               r".*dysigma-x0-seed0.*Delete the Tune experiment"):
+                                               r".*dysigma-x0-seed0.*Delete the Tune experiment .*sweep-name and rerun"):
         collect(grid, out)
     assert (out / "curves.csv").read_text() == "the last good curves\n"
     assert not (out / "trials.csv").exists()
