@@ -89,8 +89,9 @@ def compare_arms(multi: pd.DataFrame, single: pd.DataFrame, *, multi_name: str, 
                                         **mean_interval([s_final[k] for k in seeds])}},
                 "difference": diff,
                 "verdict": difference_verdict(diff),
-                "speedup": {k: speed[k] for k in ("geo_mean", "ci_low", "ci_high", "ci_level", "ci_seeds",
-                                                  "per_seed", "summary")},
+                # geo_mean_low/high: what censored seeds say of a mean that is not a number
+                "speedup": {k: speed[k] for k in ("geo_mean", "geo_mean_low", "geo_mean_high", "ci_low", "ci_high",
+                                                  "ci_level", "ci_seeds", "per_seed", "summary")},
             }
     if not out:
         raise AblationError("the two sweeps share no (target, strategy) pair to compare; run the same "
@@ -122,6 +123,8 @@ def metrics_numbers(comparison: dict, multi_name: str, single_name: str) -> dict
                 "fid_difference_ci_low": r(c["difference"]["ci_low"]),
                 "fid_difference_ci_high": r(c["difference"]["ci_high"]),
                 "speedup": r(c["speedup"]["geo_mean"]),
+                "speedup_geo_mean_low": r(c["speedup"]["geo_mean_low"]),
+                "speedup_geo_mean_high": r(c["speedup"]["geo_mean_high"]),
                 "speedup_ci_low": r(c["speedup"]["ci_low"]),
                 "speedup_ci_high": r(c["speedup"]["ci_high"]),
                 "verdict_code": VERDICT_CODES[c["verdict"]],

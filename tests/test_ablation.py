@@ -48,6 +48,20 @@ def test_a_consistently_better_multi_space_arm_is_called_better_with_a_speedup_a
     assert best_strategy(out, MULTI) == ("x0", "dysigma")
 
 
+def test_a_speedup_with_censored_seeds_prints_the_bound_they_put_on_its_mean():
+    """Multi never reaches single's final FID: no mean, but the bound the censored seeds give,
+    worded as on the strategies' page, in the page text and in the metrics."""
+    from analysis.convergence import interval_text
+
+    out = compare_arms(sweep_curves({"const": [80, 83, 81]}), sweep_curves({"const": [60, 62, 61]}),
+                       multi_name=MULTI, single_name=SINGLE)
+    speed = out["x0"]["const"]["speedup"]
+    assert speed["geo_mean"] is None and speed["geo_mean_low"] is None and 0 < speed["geo_mean_high"] <= 1
+    assert interval_text(speed).startswith(f"no mean (censored seeds: below {speed['geo_mean_high']:.2f}x) [0, ")
+    numbers = metrics_numbers(out, MULTI, SINGLE)["x0"]["const"]
+    assert numbers["speedup"] is None and numbers["speedup_geo_mean_high"] == round(speed["geo_mean_high"], 4)
+
+
 def test_the_verdict_follows_the_interval_of_the_paired_difference():
     same = sweep_curves({"const": [60, 70, 80]})
     noisy = sweep_curves({"const": [65, 62, 83]})  # differences +5, -8, +3: the interval spans 0
@@ -73,7 +87,8 @@ def test_metrics_are_numbers_only():
                        multi_name=MULTI, single_name=SINGLE)
     numbers = metrics_numbers(out, MULTI, SINGLE)["x0"]["const"]
     assert set(numbers) >= {"final_fid_k3xc4", "final_fid_k1xc12", "fid_difference", "fid_difference_ci_low",
-                            "fid_difference_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "verdict_code"}
+                            "fid_difference_ci_high", "speedup", "speedup_geo_mean_low", "speedup_geo_mean_high",
+                            "speedup_ci_low", "speedup_ci_high", "verdict_code"}
     assert all(v is None or isinstance(v, (int, float)) for v in numbers.values())
     assert numbers["verdict_code"] == 1
 
