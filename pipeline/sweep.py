@@ -211,7 +211,9 @@ def run_sweep(spec: RunSpec, out_dir: Path, *, worker_hooks=None) -> SweepOutput
 
 
 def collect(grid, out_dir: Path) -> SweepOutputs:
-    """Merge every trial's curve into curves.csv and summarise trials into trials.csv."""
+    """Merge every trial's curve into curves.csv and summarise trials into trials.csv.
+
+    `grid` is Tune's ResultGrid: its results, and its `experiment_path` for the error below."""
     frames, rows = [], []
     folders = [trial_dir(out_dir, r.config["strategy"], r.config["target"], r.config["seed"]) for r in grid]
     logged = [read_curve(folder / "live") for folder in folders]
@@ -219,11 +221,10 @@ def collect(grid, out_dir: Path) -> SweepOutputs:
     if missing:
         # Tune's record says these trials finished, so a restore does not run them again; their
         # folders were deleted (by hand: DVC keeps persistent outputs). Nothing is written.
-        experiment = getattr(grid, "experiment_path", "")  # a ResultGrid knows where Tune keeps it
         raise SweepFailedError(
             f"sweep: {len(missing)} trial(s) finished in Ray Tune's record but have no curve: "
             f"{', '.join(str(m) for m in missing[:3])}{' ...' if len(missing) > 3 else ''}. Delete the Tune "
-            f"experiment{' ' + str(experiment) if experiment else ''} and rerun the sweep: the trials whose "
+            f"experiment {grid.experiment_path} and rerun the sweep: the trials whose "
             f"folders hold {FINISHED_FILE} are kept, the others train again")
     for result, curve_rows in zip(grid, logged):
         cfg = result.config
